@@ -1,0 +1,58 @@
+"""Checkpoints hold the run config, the data info and the state dict: plain data that loads with
+``torch.load(..., weights_only=True)`` and rebuilds the model from the file alone (no pickled modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from affectkit import __version__
+from affectkit.config import RunConfig, config_from_dict
+from affectkit.errors import DataError
+
+FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, cfg: RunConfig, info: dict[str, Any], model: nn.Module,
+                    extra: dict[str, Any] | None = None) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "affectkit_checkpoint": FORMAT,
+            "version": __version__,
+            "config": cfg.to_dict(),
+            "info": info,
+            "state_dict": state,
+            "extra": extra or {},
+        },
+        Path(path),
+    )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise DataError(f"{path}: not a loadable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("affectkit_checkpoint") != FORMAT:
+        raise DataError(f"{path}: not an affectkit checkpoint (format {FORMAT})")
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """Rebuild the model from a checkpoint alone: (model in eval mode, run config, data info)."""
+    from affectkit.models import build_model
+
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg.model_name, cfg.model_params, ckpt["info"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, cfg, ckpt["info"]

@@ -1,0 +1,189 @@
+"""Run configuration: dataclass defaults, YAML presets merged over them, ``key=value`` overrides.
+
+A run config has four parts: ``name``, ``data`` (task and file), ``model`` (a registered model name plus that
+model's own config fields, validated by the registry) and ``train`` (the one trainer's settings).
+Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from affectkit.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which task reads which file."""
+
+    task: str = "mosi"  # mosi (regression) | conversation (emotion recognition in conversation)
+    path: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the one trainer (every model uses it)."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    eval_batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine (stepped per batch, T_max = epochs * batches) | plateau | none
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    loss: str = "mse"  # mse | l1 | huber (regression); ce (classification)
+    huber_delta: float = 1.0
+    class_weights: bool = False  # inverse-frequency class weights for ce
+    grad_clip: float = 0.0  # 0 = off
+    select: str = "Corr"  # validation metric that picks the epoch (never a test metric)
+    seed: int = 42
+    num_threads: int = 0  # 0 = torch's default
+    progress: bool = True
+    tensorboard: bool = True
+    graph: bool = True  # write the model graph to TensorBoard
+
+
+@dataclass
+class RunConfig:
+    """A whole run: what to train, on what, how."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "lstm_baseline"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model["name"])
+
+    @property
+    def model_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig}
+
+
+def _check_keys(section: str, values: dict[str, Any], cls: type) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown key {section}.{key}; valid: {', '.join(valid)}")
+
+
+def _coerce(section: str, cls: type, values: dict[str, Any]) -> Any:
+    _check_keys(section, values, cls)
+    out = cls(**values)
+    for f in dataclasses.fields(cls):
+        default = getattr(cls(), f.name)
+        value = getattr(out, f.name)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{section}.{f.name} must be true/false, got {value!r}")
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{section}.{f.name} must be a number, got {value!r}")
+            setattr(out, f.name, type(default)(value) if isinstance(default, float) else value)
+    return out
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a plain dict (a YAML file or a checkpoint), checking every key."""
+    raw = copy.deepcopy(raw or {})
+    raw.pop("base", None)
+    _check_keys("config", raw, RunConfig)
+    kwargs: dict[str, Any] = {}
+    for key in ("name", "out_dir"):
+        if key in raw:
+            kwargs[key] = str(raw[key])
+    for key, cls in _SECTIONS.items():
+        section = raw.get(key) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping, got {section!r}")
+        kwargs[key] = _coerce(key, cls, section)
+    model = raw.get("model") or {"name": "lstm_baseline"}
+    if not isinstance(model, dict) or "name" not in model:
+        raise ConfigError("config section 'model' must be a mapping with a 'name'")
+    kwargs["model"] = model
+    return RunConfig(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A preset as a dict; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if "base" in raw:
+        base = read_yaml(path.parent / str(raw.pop("base")))
+        raw = _deep_merge(base, raw)
+    return raw
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.epochs=5`` -> (["train", "epochs"], 5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a config dict (from the CLI's ``--set`` or a study variant)."""
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".") if isinstance(key, str) else list(key)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(parts)}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset (or the defaults) + overrides -> a checked RunConfig (model fields are checked when built)."""
+    raw = read_yaml(path) if path is not None else {}
+    if path is not None and "name" not in raw:
+        raw["name"] = Path(path).stem
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

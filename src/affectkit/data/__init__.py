@@ -1,0 +1,1 @@
+"""Data formats: one module per on-disk format, safe loading, validation, synthetic generators."""

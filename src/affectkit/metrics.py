@@ -1,0 +1,93 @@
+"""Every metric, written once: the MOSI regression suite and the classification suite for ERC.
+
+Conventions (the lab's / MMSA's): Acc-7 and Acc-5 clip to [-3, 3] / [-2, 2] and round with ``np.round``
+(round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2); Non0 metrics drop samples whose label is exactly 0 and
+compare ``> 0``; Has0 metrics keep every sample and compare ``>= 0``; F1 is ``f1_score(truth, pred,
+average="weighted")`` (the standard argument order; the lab's code swaps them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+log = logging.getLogger("affectkit")
+
+REGRESSION_METRICS: tuple[str, ...] = (
+    "MAE", "Corr", "Acc7", "Acc5", "Non0_Acc2", "Non0_F1", "Has0_Acc2", "Has0_F1",
+)
+#: Metrics where lower is better (every other metric: higher is better).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"MAE", "loss"})
+
+
+def pearson(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Pearson r; NaN (with a log line) when either side is constant, where r is undefined."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1)
+    if pred.size < 2 or np.ptp(pred) == 0 or np.ptp(truth) == 0:
+        log.warning("Corr undefined: %s are constant", "predictions" if np.ptp(pred) == 0 else "labels")
+        return math.nan
+    return float(np.corrcoef(pred, truth)[0, 1])
+
+
+def multiclass_acc(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of samples whose rounded prediction equals the rounded label."""
+    return float(np.mean(np.round(pred) == np.round(truth)))
+
+
+def _binary(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    if truth.size == 0:
+        return math.nan, math.nan
+    return float(accuracy_score(truth, pred)), float(f1_score(truth, pred, average="weighted"))
+
+
+def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The full MOSI suite on continuous predictions and labels in [-3, 3]."""
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1)
+    if pred.shape != truth.shape or pred.size == 0:
+        raise ValueError(f"need equal, non-empty prediction and label vectors, got {pred.shape} and {truth.shape}")
+    nonzero = truth != 0
+    non0_acc, non0_f1 = _binary(pred[nonzero] > 0, truth[nonzero] > 0)
+    has0_acc, has0_f1 = _binary(pred >= 0, truth >= 0)
+    return {
+        "MAE": float(np.mean(np.abs(pred - truth))),
+        "Corr": pearson(pred, truth),
+        "Acc7": multiclass_acc(np.clip(pred, -3, 3), np.clip(truth, -3, 3)),
+        "Acc5": multiclass_acc(np.clip(pred, -2, 2), np.clip(truth, -2, 2)),
+        "Non0_Acc2": non0_acc,
+        "Non0_F1": non0_f1,
+        "Has0_Acc2": has0_acc,
+        "Has0_F1": has0_f1,
+    }
+
+
+def classification_metrics(
+    pred: np.ndarray, truth: np.ndarray, label_names: list[str]
+) -> dict[str, object]:
+    """Accuracy, weighted and macro F1, per-class F1 and the confusion matrix (rows = truth)."""
+    pred = np.asarray(pred).reshape(-1)
+    truth = np.asarray(truth).reshape(-1)
+    if pred.shape != truth.shape or pred.size == 0:
+        raise ValueError(f"need equal, non-empty prediction and label vectors, got {pred.shape} and {truth.shape}")
+    labels = list(range(len(label_names)))
+    per_class = f1_score(truth, pred, labels=labels, average=None, zero_division=0)
+    return {
+        "Acc": float(accuracy_score(truth, pred)),
+        "F1_weighted": float(f1_score(truth, pred, labels=labels, average="weighted", zero_division=0)),
+        "F1_macro": float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0)),
+        "F1_per_class": {name: float(v) for name, v in zip(label_names, per_class)},
+        "confusion": confusion_matrix(truth, pred, labels=labels).tolist(),
+    }
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Strict improvement in the metric's direction; NaN never improves."""
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best

@@ -1,0 +1,61 @@
+"""A restricted unpickler: data pickles may hold numpy arrays and plain containers, nothing else.
+
+`pickle.load` on a downloaded file runs arbitrary code; this loader only resolves the handful of
+globals that numpy arrays need and refuses every other class with a message naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+from affectkit.errors import DataError
+
+# (module, name) pairs a numpy array / scalar pickle needs.  Anything else is refused.
+_ALLOWED: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
+        ("builtins", "slice"),
+        ("builtins", "range"),
+        ("builtins", "complex"),
+        ("collections", "OrderedDict"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load class {module}.{name}")
+
+
+def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
+    """Load a pickle that may only contain numpy arrays, dtypes and plain containers.
+
+    Raises DataError (one line, naming the file) for a missing file, a refused class or a corrupt pickle.
+    `encoding="latin1"` reads Python-2 pickles holding numpy arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: {exc} (only numpy arrays and plain containers are allowed)") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None

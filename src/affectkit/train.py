@@ -1,0 +1,268 @@
+"""The one trainer, for every model and task.
+
+Adam; a per-batch cosine schedule (the MOSI recipe) or ReduceLROnPlateau on the validation loss (CORECT);
+selection of the epoch on a validation metric (never the test split); the best weights are reloaded and the
+test split is evaluated once. Each run writes a folder: ``config.yaml``, ``metrics.json``, ``best.pt`` and
+TensorBoard events (losses, every scalar metric per epoch, the model graph).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from affectkit.checkpoint import save_checkpoint
+from affectkit.config import RunConfig, dump_yaml
+from affectkit.errors import ConfigError
+from affectkit.metrics import is_better
+from affectkit.models import build_model, get_model_entry
+from affectkit.models.registry import model_config
+from affectkit.tasks import Task, get_task
+
+log = logging.getLogger("affectkit")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the recipe's reproducibility step)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    metrics: dict[str, Any]
+    pred: np.ndarray
+    truth: np.ndarray
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_epoch: int  # 1-based
+    valid: dict[str, Any]
+    test: dict[str, Any]
+    history: list[dict[str, Any]]
+    train_seconds: float
+    n_params: int
+    profile: dict[str, float] = field(default_factory=dict)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``out_dir/name/YYYYmmdd-HHMMSS`` (suffixed when two runs start in the same second)."""
+    base = Path(cfg.out_dir) / cfg.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, data: Any, split: str, batch_size: int, loss_fn: Any,
+             info: dict[str, Any]) -> EvalResult:
+    """Loss (mean over samples), predictions and the metric suite on one split."""
+    model.eval()
+    preds, truths, total, count = [], [], 0.0, 0
+    for batch in task.loader(data, split, batch_size, shuffle=False):
+        out = model(batch)
+        p, t, n = task.targets(out, batch)
+        total += float(loss_fn(out, batch)) * n
+        count += n
+        preds.append(p)
+        truths.append(t)
+    pred, truth = np.concatenate(preds), np.concatenate(truths)
+    return EvalResult(total / max(count, 1), task.metrics(pred, truth, info), pred, truth)
+
+
+class _GraphAdapter(nn.Module):
+    """Lets TensorBoard trace a model whose forward takes a dict of tensors."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(dict(zip(self.keys, tensors)))
+
+
+def _add_graph(writer: Any, model: nn.Module, example: Any) -> None:
+    if not isinstance(example, dict):
+        example = getattr(example, "as_dict", lambda: None)()
+    if not isinstance(example, dict):
+        return
+    keys = [k for k, v in example.items() if isinstance(v, torch.Tensor)]
+    was_training = model.training
+    model.eval()
+    try:
+        writer.add_graph(_GraphAdapter(model, keys), tuple(example[k] for k in keys))
+    except Exception as exc:  # tracing is a convenience; never fail a run for it
+        log.warning("could not trace the model graph for TensorBoard: %s", str(exc).splitlines()[0])
+    finally:
+        model.train(was_training)
+
+
+def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, str]:
+    kind = cfg.train.scheduler
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs * steps_per_epoch), "batch"
+    if kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience
+        ), "epoch"
+    if kind == "none":
+        return None, "none"
+    raise ConfigError(f"unknown train.scheduler {kind!r}; valid: cosine, plateau, none")
+
+
+def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Path | None = None,
+          data: Any = None) -> RunResult:
+    """Train ``cfg`` on a data file, select on validation, test once; returns the run's results."""
+    task = get_task(cfg.data.task)
+    entry = get_model_entry(cfg.model_name)
+    if entry.task != task.name:
+        raise ConfigError(f"model {cfg.model_name!r} is for task {entry.task!r}, but data.task is {task.name!r}")
+    mcfg = model_config(cfg.model_name, cfg.model_params)
+    tc = cfg.train
+    select = tc.select or task.default_select
+    path = data_path or cfg.data.path
+    if data is None:
+        if path is None:
+            raise ConfigError("no data file: pass --data PATH or set data.path")
+        data = task.load(path, mcfg)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    info = task.info(data)
+
+    seed_everything(tc.seed)
+    model = build_model(cfg.model_name, cfg.model_params, info)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    loss_fn = task.loss_fn(tc, data)
+    train_loader = task.loader(data, task.splits[0], tc.batch_size, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler, step_on = _scheduler(cfg, optimizer, len(train_loader))
+
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    writer = None
+    if tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        if tc.graph:
+            _add_graph(writer, model, task.example_input(data))
+    log.info("%s | model %s, %d parameters | run folder %s", task.describe(data), cfg.model_name, n_params, run_dir)
+
+    best_score: float | None = None
+    best_epoch, best_state = 0, None
+    history: list[dict[str, Any]] = []
+    prof = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "evaluate": 0.0}
+    start = time.perf_counter()
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{tc.epochs}", disable=not tc.progress,
+                   leave=False, unit="batch")
+        it = iter(train_loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            t1 = time.perf_counter()
+            prof["data"] += t1 - t0
+            if batch is None:
+                break
+            optimizer.zero_grad()
+            out = model(batch)
+            loss = loss_fn(out, batch)
+            t2 = time.perf_counter()
+            loss.backward()
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            t3 = time.perf_counter()
+            optimizer.step()
+            if step_on == "batch":
+                scheduler.step()
+            t4 = time.perf_counter()
+            prof["forward"] += t2 - t1
+            prof["backward"] += t3 - t2
+            prof["optimizer"] += t4 - t3
+            n = task.targets(out, batch)[2]
+            total += loss.item() * n
+            count += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        t5 = time.perf_counter()
+        val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info)
+        prof["evaluate"] += time.perf_counter() - t5
+        if step_on == "epoch":
+            scheduler.step(val.loss)
+        score = val.metrics.get(select)
+        if score is None:
+            raise ConfigError(f"train.select {select!r} is not a metric of task {task.name!r}; "
+                              f"valid: {', '.join(k for k, v in val.metrics.items() if isinstance(v, float))}")
+        improved = is_better(select, score, best_score)
+        if improved or best_state is None:
+            best_score = score if improved else best_score
+            best_epoch = epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "valid_loss": val.loss,
+               "lr": optimizer.param_groups[0]["lr"],
+               **{f"valid_{k}": v for k, v in val.metrics.items() if isinstance(v, float)}}
+        history.append(row)
+        if writer is not None:
+            writer.add_scalar("loss/train", row["train_loss"], epoch)
+            writer.add_scalar("loss/valid", val.loss, epoch)
+            writer.add_scalar("lr", row["lr"], epoch)
+            for k, v in val.metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    writer.add_scalar(f"valid/{k}", v, epoch)
+        log.info("epoch %d/%d train loss %.4f valid loss %.4f valid %s %.4f%s", epoch, tc.epochs,
+                 row["train_loss"], val.loss, select, score, " *" if best_epoch == epoch else "")
+    train_seconds = time.perf_counter() - start
+
+    model.load_state_dict(best_state)
+    val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info)
+    test = evaluate(model, task, data, task.splits[2], tc.eval_batch_size, loss_fn, info)
+    if writer is not None:
+        for k, v in test.metrics.items():
+            if isinstance(v, float) and math.isfinite(v):
+                writer.add_scalar(f"test/{k}", v, best_epoch)
+        writer.close()
+    result = RunResult(run_dir, best_epoch, {"loss": val.loss, **val.metrics}, {"loss": test.loss, **test.metrics},
+                       history, train_seconds, n_params, prof)
+    save_checkpoint(run_dir / "best.pt", cfg, info, model, {"best_epoch": best_epoch, "select": select})
+    (run_dir / "metrics.json").write_text(json.dumps(_json_safe({
+        "data": str(path) if path is not None else None,
+        "model": cfg.model_name, "select": select, "best_epoch": best_epoch,
+        "valid": result.valid, "test": result.test, "train_seconds": train_seconds,
+        "n_params": n_params, "profile": prof, "history": history,
+    }), indent=2))
+    task.after_run(result, run_dir, info)
+    return result
