@@ -134,6 +134,7 @@ def test_subset_of_modalities(iemocap6: Path) -> None:
     assert data.kept == ("text", "visual")  # canonical order, whatever order was asked
     assert data.modalities == ("text", "audio", "visual")  # what the file holds
     assert all(set(d.features) == {"text", "visual"} for ds in data.splits.values() for d in ds)
+    assert load_conversations(iemocap6, modalities="audio").kept == ("audio",)  # a bare name is one modality
 
 
 def test_requesting_a_missing_modality(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ MODALITIES: tuple[str, ...] = ("text", "audio", "visual")
 IGNORE_INDEX: int = -100
 
 
-@dataclass
+@dataclass(eq=False)
 class Dialogue:
     """One validated dialogue: ``speakers``/``labels`` are (N,) int64, ``features[m]`` is (N, D_m) float32."""
 
@@ -269,7 +269,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
     if modalities is None:
         kept = file_modalities
     else:
-        wanted = list(dict.fromkeys(modalities))
+        wanted = list(dict.fromkeys([modalities] if isinstance(modalities, str) else modalities))
         if not wanted:
             raise DataError(f"{name}: no modality requested; the file holds {', '.join(file_modalities)}")
         lacking = [m for m in wanted if m not in file_modalities]
