@@ -78,6 +78,37 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
 
+def cmd_stream(args: argparse.Namespace) -> None:
+    """Classify ``speaker<TAB>sentence`` lines live (stdin or --input), one prediction line each."""
+    from affectkit.stream import Stream, input_lines, run_lines
+
+    session = Stream(args.checkpoint)
+    log.info("streaming %s: per line: position, speaker, label, prob, all probs", args.checkpoint)
+    run_lines(session, input_lines(args.input))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    """Run a study (variants x seeds, resumable), then write results.csv, summary.md and plots."""
+    from affectkit.studies import run_study
+
+    result = run_study(args.config, data=args.data, seeds=args.seeds, workers=args.workers, out=args.out,
+                       overrides=args.set or [])
+    print(result.report())
+    if result.failures:
+        raise AffectkitError(f"{len(result.failures)} run(s) failed; rerun the same command to retry them")
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from affectkit.features.text import build_text_features
+
+    summary = build_text_features(args.dataset, Path(args.source), Path(args.out), cache_dir=args.cache,
+                                  batch_size=args.batch_size, progress=True)
+    print(f"wrote {summary['out']}: dialogues {summary['dialogues']}, utterances {summary['utterances']}; "
+          f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache "
+          f"({summary['seconds']:.1f}s)")
+    print(summary["notes"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="affectkit", description="Multimodal affect recognition toolkit.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -109,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", action="append", help="split(s) to evaluate (default: all)")
     s.add_argument("--json", help="also write the metrics to this JSON file")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("stream", help="classify 'speaker<TAB>sentence' lines live (causal text checkpoint)")
+    s.add_argument("checkpoint", help="a causal, text-only CORECT checkpoint (best.pt)")
+    s.add_argument("--input", help="read lines from this file instead of stdin")
+    s.set_defaults(func=cmd_stream)
+
+    s = sub.add_parser("study", help="run a study (variants x seeds) and summarise it against its baseline")
+    s.add_argument("config", help="study file, e.g. configs/studies/ablations.yaml")
+    s.add_argument("--data", help="data file (default: the base preset's data.path)")
+    s.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds (default: the study's)")
+    s.add_argument("--workers", type=int, default=1, help="parallel runs (processes); default %(default)s")
+    s.add_argument("--out", help="study folder (default studies/NAME); finished runs there are skipped")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for all runs")
+    s.set_defaults(func=cmd_study)
+    s = sub.add_parser("features", help="turn real transcripts into the conversation feature layout")
+    s.add_argument("kind", choices=["text"])
+    s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
+    s.add_argument("--source", required=True, help="folder (or .pkl) of the COSMIC transcripts")
+    s.add_argument("out", help="output pickle (conversation layout, text only)")
+    s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_features)
     return p
 
 

@@ -20,7 +20,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path,
     data = task.load(data_path, model_config(cfg.model_name, cfg.model_params))
     for m, d in task.info(data).get("dims", {}).items():
         if m in info.get("dims", {}) and info["dims"][m] != d:
-            raise ConfigError(f"{data_path}: {m} features have dim {d}, the checkpoint was trained on {info['dims'][m]}")
+            raise ConfigError(f"{data_path}: {m} features have dim {d}, "
+                              f"the checkpoint was trained on {info['dims'][m]}")
     loss_fn = task.loss_fn(cfg.train, data)
     out: dict[str, dict[str, Any]] = {}
     for split in splits or list(task.splits):

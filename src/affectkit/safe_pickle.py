@@ -57,5 +57,6 @@ def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
         return _RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: {exc} (only numpy arrays and plain containers are allowed)") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a corrupt file raises many types (EOFError, OverflowError, MemoryError, ...)
+        first = (str(exc).splitlines() or [""])[0]
+        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {first})") from None

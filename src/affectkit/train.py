@@ -176,7 +176,10 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
 
         writer = SummaryWriter(str(run_dir / "tb"))
         if tc.graph:
-            _add_graph(writer, model, task.example_input(data))
+            # Iterating a DataLoader draws a seed from the global RNG: restore it, or the seeded shuffle
+            # (and so every result) would differ from a run without the graph (and from the lab's script).
+            with torch.random.fork_rng(devices=[]):
+                _add_graph(writer, model, task.example_input(data))
     log.info("%s | model %s, %d parameters | run folder %s", task.describe(data), cfg.model_name, n_params, run_dir)
 
     best_score: float | None = None

@@ -19,6 +19,7 @@ Planted signal
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -157,16 +158,26 @@ def _check_counts(preset: SyntheticPreset, n_dialogues: Mapping[str, int] | None
 
 
 def write_synthetic_conversations(
-    path: str | Path, preset: str, seed: int, n_dialogues: Mapping[str, int] | None = None
+    path: str | Path,
+    preset: str,
+    seed: int,
+    n_dialogues: Mapping[str, int] | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> None:
     """Write a synthetic conversation pickle (COGMEN/CORECT layout plus ``label_names``/``speakers``).
 
     ``preset`` is one of :data:`PRESETS` (iemocap6, iemocap4, mosei2); ``n_dialogues`` overrides the
-    preset's dialogue count per split.  The same seed gives the same arrays.
+    preset's dialogue count per split; ``dims`` its feature sizes (small ones make fast tests).
+    The same seed gives the same arrays.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown synthetic preset {preset!r}; valid: {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    if dims is not None:
+        unknown = set(dims) - set(p.dims)
+        if unknown or any(int(d) < 1 for d in dims.values()):
+            raise ConfigError(f"dims must map {', '.join(p.dims)} to positive sizes, got {dict(dims)}")
+        p = dataclasses.replace(p, dims={**p.dims, **{m: int(d) for m, d in dims.items()}})
     counts = _check_counts(p, n_dialogues)
     rng = np.random.default_rng(seed)
     n_classes = len(p.label_names)

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from affectkit.data.cosmic import SPLITS, load_cosmic
-from affectkit.errors import AffectkitError
+from affectkit.errors import AffectkitError, ConfigError
 
 log = logging.getLogger("affectkit")
 
@@ -150,7 +150,7 @@ class SentenceEncoder:
         use_cache: bool = True,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = MODEL_NAME
         self.dim = DIM
         self.batch_size = batch_size

@@ -152,7 +152,8 @@ class Corect(nn.Module):
         if width == 0:  # neither view: classify the encoded features directly
             width = len(self.modalities) * h
         n_classes = int(info["n_classes"])
-        self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(h, n_classes))
+        self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                        nn.Linear(h, n_classes))
 
     def encode(self, batch: Any) -> list[torch.Tensor]:
         """Per modality (B, T, h): encoders + speaker embedding."""
