@@ -75,7 +75,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split)
     print(metric_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        from affectkit.train import json_safe
+
+        Path(args.json).write_text(json.dumps(json_safe(results), indent=2))
 
 
 def cmd_stream(args: argparse.Namespace) -> None:

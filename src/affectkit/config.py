@@ -82,21 +82,46 @@ def _check_keys(section: str, values: dict[str, Any], cls: type) -> None:
             raise ConfigError(f"unknown key {section}.{key}; valid: {', '.join(valid)}")
 
 
+def _number(where: str, value: Any, kind: type) -> int | float:
+    """``value`` as ``kind`` (int or float); also reads strings such as ``1e-3``, which YAML 1.1 leaves as text."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def check_field_types(section: str, obj: Any) -> Any:
+    """Check each field of a config dataclass against the type of its default; numbers are coerced in place.
+
+    A field whose default is None takes anything; null is refused for numbers, booleans and lists.
+    """
+    defaults = type(obj)()
+    for f in dataclasses.fields(obj):
+        default, value = getattr(defaults, f.name), getattr(obj, f.name)
+        where = f"{section}.{f.name}"
+        if default is None or (value is None and not isinstance(default, bool | int | float | list)):
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true/false, got {value!r}")
+        elif isinstance(default, int | float):
+            setattr(obj, f.name, _number(where, value, type(default)))
+        elif isinstance(default, list) and not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list such as [a, b], got {value!r}")
+    return obj
+
+
 def _coerce(section: str, cls: type, values: dict[str, Any]) -> Any:
     _check_keys(section, values, cls)
-    out = cls(**values)
-    for f in dataclasses.fields(cls):
-        default = getattr(cls(), f.name)
-        value = getattr(out, f.name)
-        if default is None or value is None:
-            continue
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{section}.{f.name} must be true/false, got {value!r}")
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{section}.{f.name} must be a number, got {value!r}")
-            setattr(out, f.name, type(default)(value) if isinstance(default, float) else value)
-    return out
+    return check_field_types(section, cls(**values))
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

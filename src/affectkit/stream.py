@@ -14,12 +14,17 @@ only the new utterance through the model, reusing what earlier utterances left b
   of that window.
 
 So the work per utterance is constant apart from attention over the cached keys (O(t), cheap), and the
-outputs equal the causal model run on the whole conversation (``model(batch)``), utterance by utterance.
+outputs equal the causal model run on the whole conversation (``model(batch)``), utterance by utterance
+(tested to 1e-5).  Two shortcuts keep the step small, each checked against the plain path (the model's
+own layers one by one): the RGCN is evaluated at the newest nodes only, and the independent P-CM stacks
+run side by side, one batched step per depth (:class:`_LayerGroup`).  A session's caches grow with the
+conversation (keys/values of every attention layer, about 36 MB at utterance 1000 for the preset
+three-modality model); :meth:`Stream.reset` frees them.
 
 Sessions are independent; :meth:`Stream.new_session` opens another one on the same (shared, read-only)
-model.  Bad input raises a one-line :class:`~affectkit.errors.DataError` and leaves the session as it
-was.  ``affectkit stream CHECKPOINT`` (see :func:`run_lines`) drives a text-only checkpoint from
-``speaker<TAB>sentence`` lines.
+model; one session is not meant to be pushed from two threads at once.  Bad input raises a one-line
+:class:`~affectkit.errors.DataError` and leaves the session as it was.  ``affectkit stream CHECKPOINT``
+(see :func:`run_lines`) drives a text-only checkpoint from ``speaker<TAB>sentence`` lines.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class StreamModel:
                 f"wf: {model.cfg.wf}); "
                 "streaming it would silently differ from it: train a causal preset, "
                 "e.g. configs/corect_iemocap6_causal.yaml")
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            raise ConfigError(f"{where}: streaming runs on the CPU; move the model there with model.cpu()")
         self.model = model.eval()
         self.info = dict(info)
         self.embed = embed
@@ -120,6 +127,17 @@ class StreamModel:
                         layers += list(model.pcm.cross[f"{mj}<-{mk}"])
                 layers += list(model.pcm.fuse[mj].layers)
         self.n_attention = len(layers)
+        # P-CM side by side: the M(M-1) cross stacks are independent of each other, and so are the M
+        # self-attention stacks, so each depth runs as one batched step (same math, far fewer ops).
+        self.pcm_groups: list[_LayerGroup] | None = None
+        if model.pcm is not None:
+            pcm = model.pcm
+            cross = [pcm.cross[f"{pcm.modalities[j]}<-{pcm.modalities[k]}"] for j, k in pcm.pairs]
+            fuse = [pcm.fuse[m].layers for m in pcm.modalities]
+            groups = [list(depth) for depth in zip(*cross)] + [list(depth) for depth in zip(*fuse)]
+            if all(_LayerGroup.supports(g) for g in groups):
+                self.pcm_groups = [_LayerGroup(g) for g in groups]
+            self.n_cross = len(cross[0]) if cross else 0
         rgcn = model.graph.rgcn if model.graph is not None else None
         # RGCN for the newest nodes only, straight from its weights (PyG's layer loops over all 3M + M(M-1)
         # relations); only for the plain mean-aggregating layer CORECT builds, else the layer itself runs.
@@ -168,6 +186,71 @@ class StreamModel:
                 f"this checkpoint's text features are {self.dims['text']}-d but the sentence encoder "
                 f"(all-MiniLM-L6-v2) gives {dim}-d: it was trained on other text features; "
                 "pass them with push(text=...)")
+
+
+class _LayerGroup:
+    """G independent post-norm :class:`TransformerLayer` s of one width, stepped together for the newest
+    position: batched matmuls over weights stacked from the layers (eval mode: no dropout).
+
+    The stacked copy is rebuilt whenever a layer's parameter changes in place (``load_state_dict``,
+    an optimizer step), so the engine never runs stale weights.
+    """
+
+    _LINEARS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.out", "f1": "ff.0", "f2": "ff.3"}
+    _NORMS = {"1": "norm1", "2": "norm2"}
+
+    def __init__(self, layers: list[TransformerLayer]) -> None:
+        self.layers = layers
+        self.g, self.dim, self.heads = len(layers), layers[0].attn.dim, layers[0].attn.heads
+        self.eps = (layers[0].norm1.eps, layers[0].norm2.eps)
+        self._params = [p for layer in layers for p in layer.parameters()]
+        self._versions: list[int] = []
+        self._w: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def supports(layers: list[TransformerLayer]) -> bool:
+        """Whether ``layers`` have the structure the batched step mirrors (else the layers run one by one)."""
+        first = layers[0]
+        return all(
+            isinstance(layer, TransformerLayer) and layer.attn.dim == first.attn.dim
+            and layer.attn.heads == first.attn.heads and len(layer.ff) == 4
+            and isinstance(layer.ff[0], nn.Linear) and isinstance(layer.ff[1], nn.ReLU)
+            and isinstance(layer.ff[3], nn.Linear) and layer.norm1.elementwise_affine
+            and layer.norm2.elementwise_affine and layer.norm1.eps == first.norm1.eps
+            and layer.norm2.eps == first.norm2.eps and layer.ff[0].out_features == first.ff[0].out_features
+            and all(layer.get_submodule(path).bias is not None for path in _LayerGroup._LINEARS.values())
+            for layer in layers)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Stacked weights: ``q``.. (G, in, out) transposed Linear weights, ``bq``.. (G, 1, out) biases,
+        ``g1``/``n1``, ``g2``/``n2`` (G, 1, D) LayerNorm scales and shifts."""
+        versions = [p._version for p in self._params]
+        if versions != self._versions:
+            w: dict[str, torch.Tensor] = {}
+            for key, path in self._LINEARS.items():
+                mods = [layer.get_submodule(path) for layer in self.layers]
+                w[key] = torch.stack([m.weight.detach().t() for m in mods])
+                w["b" + key] = torch.stack([m.bias.detach()[None] for m in mods])
+            for key, path in self._NORMS.items():
+                mods = [layer.get_submodule(path) for layer in self.layers]
+                w["g" + key] = torch.stack([m.weight.detach()[None] for m in mods])
+                w["n" + key] = torch.stack([m.bias.detach()[None] for m in mods])
+            self._w, self._versions = w, versions
+        return self._w
+
+    def step(self, x: torch.Tensor, kv: torch.Tensor, caches: tuple[_Growing, _Growing], n: int) -> torch.Tensor:
+        """Queries ``x`` (G, 1, D) attend to the cached keys/values plus those of ``kv`` (G, 1, D), which
+        are written at position ``n``; then the residual, norm and feed-forward parts of each layer."""
+        w, g, d, h = self.weights(), self.g, self.dim, self.heads
+        q = torch.baddbmm(w["bq"], x, w["q"]).view(g, 1, h, d // h).transpose(1, 2)
+        k = torch.baddbmm(w["bk"], kv, w["k"]).view(g, 1, h, d // h).transpose(1, 2)
+        v = torch.baddbmm(w["bv"], kv, w["v"]).view(g, 1, h, d // h).transpose(1, 2)
+        keys, values = caches[0].write(n, k), caches[1].write(n, v)  # (G, heads, n + 1, d / heads)
+        a = F.scaled_dot_product_attention(q, keys, values).transpose(1, 2).reshape(g, 1, d)
+        x = torch.addcmul(w["n1"], F.layer_norm(x + torch.baddbmm(w["bo"], a, w["o"]), (d,), eps=self.eps[0]),
+                          w["g1"])
+        y = torch.baddbmm(w["bf2"], torch.relu(torch.baddbmm(w["bf1"], x, w["f1"])), w["f2"])
+        return torch.addcmul(w["n2"], F.layer_norm(x + y, (d,), eps=self.eps[1]), w["g2"])
 
 
 class _Window:
@@ -287,6 +370,7 @@ class Stream:
         eng = self.engine
         self._n = 0
         self._kv = [(_Growing(1), _Growing(1)) for _ in range(eng.n_attention)]  # (heads, t, d/heads)
+        self._group_kv = [(_Growing(2), _Growing(2)) for _ in eng.pcm_groups or []]  # (G, heads, t, d/heads)
         self._nodes = _Growing(1)  # (M, t, h): encoded node features
         self._rgcn = _Growing(1)  # (M, t, h): RGCN outputs
 
@@ -375,7 +459,9 @@ class Stream:
         views = []
         if model.graph is not None:
             views.append(self._graph_step(model.graph, feats))
-        if model.pcm is not None:
+        if model.pcm is not None and eng.pcm_groups is not None:
+            views.append(self._pcm_step(model.pcm, feats))
+        elif model.pcm is not None:
             outs = []
             pcm = model.pcm
             for j, mj in enumerate(pcm.modalities):
@@ -396,6 +482,21 @@ class Stream:
             views.append(torch.cat(outs, dim=-1)[0])
         rep = torch.cat(views, dim=-1) if views else torch.cat(feats, dim=-1)[0]
         return model.classifier(rep)[0]
+
+    def _pcm_step(self, pcm: nn.Module, feats: list[torch.Tensor]) -> torch.Tensor:
+        """P-CM for the newest utterance, each depth of the cross and self-attention stacks as one
+        batched step (``StreamModel.pcm_groups``)."""
+        groups, n, m = self.engine.pcm_groups, self._n, len(feats)
+        assert groups is not None
+        x = torch.cat([feats[j] for j, _ in pcm.pairs])  # (M(M-1), 1, h): pairs grouped by target j
+        kv = torch.cat([feats[k] for _, k in pcm.pairs])
+        n_cross = self.engine.n_cross
+        for group, caches in zip(groups[:n_cross], self._group_kv[:n_cross]):
+            x = group.step(x, kv, caches, n)
+        x = x.view(m, m - 1, 1, -1).transpose(1, 2).reshape(m, 1, -1)  # per target: its parts, concatenated
+        for group, caches in zip(groups[n_cross:], self._group_kv[n_cross:]):
+            x = group.step(x, x, caches, n)
+        return x.reshape(1, -1)
 
     def _graph_step(self, graph: nn.Module, feats: list[torch.Tensor]) -> torch.Tensor:
         """The graph view of the newest utterance: RGCN then TransformerConv on its past window."""
@@ -423,13 +524,16 @@ def format_prediction(pred: Prediction, speaker: str, names: Sequence[str]) -> s
 
 
 def input_lines(path: str | Path | None = None) -> Iterator[str]:
-    """Lines of ``path`` (opened when the first line is wanted), or of stdin as they arrive."""
+    """Lines of stdin as they arrive, or of the file ``path`` (DataError now if it does not exist)."""
     if path is None:
-        yield from iter(sys.stdin.readline, "")
-        return
+        return iter(sys.stdin.readline, "")
     if not Path(path).is_file():
         raise DataError(f"{path}: input file not found")
-    with open(path, encoding="utf-8") as f:
+    return _file_lines(Path(path))
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
         yield from f
 
 

@@ -496,10 +496,9 @@ def _per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, f
 
 
 def _variants_in(rows: list[dict[str, Any]], baseline: str, order: Sequence[str] | None = None) -> list[str]:
-    seen = list(order) if order else []
-    seen += [r["variant"] for r in rows if r["variant"] not in seen]
+    seen = list(dict.fromkeys([baseline, *(order or []), *(r["variant"] for r in rows)]))
     present = {r["variant"] for r in rows}
-    return [v for v in ([baseline] + [v for v in seen if v != baseline]) if v in present]
+    return [v for v in seen if v in present]
 
 
 def describe_data(path: str | Path) -> str:

@@ -61,15 +61,16 @@ class RunResult:
     profile: dict[str, float] = field(default_factory=dict)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the result is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -149,6 +150,9 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
         raise ConfigError(f"model {cfg.model_name!r} is for task {entry.task!r}, but data.task is {task.name!r}")
     mcfg = model_config(cfg.model_name, cfg.model_params)
     tc = cfg.train
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(tc, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(tc, key)}")
     select = tc.select or task.default_select
     path = data_path or cfg.data.path
     if data is None:
@@ -261,7 +265,7 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     result = RunResult(run_dir, best_epoch, {"loss": val.loss, **val.metrics}, {"loss": test.loss, **test.metrics},
                        history, train_seconds, n_params, prof)
     save_checkpoint(run_dir / "best.pt", cfg, info, model, {"best_epoch": best_epoch, "select": select})
-    (run_dir / "metrics.json").write_text(json.dumps(_json_safe({
+    (run_dir / "metrics.json").write_text(json.dumps(json_safe({
         "data": str(path) if path is not None else None,
         "model": cfg.model_name, "select": select, "best_epoch": best_epoch,
         "valid": result.valid, "test": result.test, "train_seconds": train_seconds,

@@ -140,7 +140,7 @@ def load_mosi(path: str | Path, modalities: Sequence[str] | None = None) -> Mosi
                 arr[bad] = 0.0
             feats[m] = torch.from_numpy(arr)
         ids_raw = part.get("id")
-        ids = [str(np.asarray(i).reshape(-1)[0]) for i in ids_raw] if ids_raw is not None else []
+        ids = ["_".join(map(str, np.asarray(i).reshape(-1))) for i in ids_raw] if ids_raw is not None else []
         splits[split] = MosiSplit(features=feats, labels=torch.from_numpy(labels), ids=ids)
     counted = {m: c for m, c in replaced.items() if c}
     if counted:

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from affectkit.config import check_field_types
 from affectkit.errors import ConfigError
 
 
@@ -62,6 +63,7 @@ def model_config(name: str, params: dict[str, Any]) -> Any:
         cfg = entry.config_cls(**params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model {name!r}: {exc}") from None
+    check_field_types("model", cfg)
     check = getattr(cfg, "validate", None)
     if check is not None:
         check()

@@ -1,0 +1,144 @@
+"""Causal CORECT never peeks: changing or deleting utterances k.. never changes a prediction before k.
+
+The same check on the offline model (and on each of its three future-reading paths alone) finds the
+peeking, so the check can fail.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from affectkit.config import load_config
+from affectkit.data.conversation import Dialogue, collate_dialogues
+from affectkit.errors import ConfigError
+from affectkit.models import build_model
+from affectkit.models.corect import CorectConfig
+from affectkit.models.registry import model_config
+
+DIMS = {"text": 10, "audio": 6, "visual": 8}
+MODS = ("text", "audio", "visual")
+INFO = {"dims": DIMS, "n_classes": 4, "label_names": ["a", "b", "c", "d"], "n_speakers": 3,
+        "speakers": ["A", "B", "C"]}
+SMALL = {"hidden": 8, "text_ff": 16, "text_layers": 2, "text_heads": 2, "pcm_layers": 2, "pcm_heads": 2,
+         "pcm_self_layers": 2, "graph_heads": 2}
+ATOL = 1e-5
+
+
+@cache
+def _model(causal: bool = True, wp: int = 3, wf: int = 0, modalities: tuple[str, ...] = MODS,
+           use_gnn: bool = True, use_pcm: bool = True) -> torch.nn.Module:
+    torch.manual_seed(wp * 7 + wf)
+    params = {**SMALL, "causal": causal, "wp": wp, "wf": wf, "modalities": list(modalities),
+              "use_gnn": use_gnn, "use_pcm": use_pcm}
+    return build_model("corect", params, INFO).eval()
+
+
+def _dialogue(rng: np.random.Generator, n: int, vid: str) -> Dialogue:
+    feats = {m: (rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0)).astype(np.float32)
+             for m, d in DIMS.items()}
+    return Dialogue(vid, rng.integers(0, 3, n), rng.integers(0, 4, n), feats)
+
+
+def _edit(rng: np.random.Generator, d: Dialogue, k: int, mode: str) -> Dialogue:
+    """Utterances k.. of ``d`` deleted, or replaced by fresh features and speakers."""
+    if mode == "delete":
+        return Dialogue(d.vid, d.speakers[:k], d.labels[:k], {m: x[:k] for m, x in d.features.items()})
+    new = _dialogue(rng, len(d), d.vid)
+    feats = {m: np.concatenate([x[:k], new.features[m][k:]]) for m, x in d.features.items()}
+    return Dialogue(d.vid, np.concatenate([d.speakers[:k], new.speakers[k:]]), d.labels, feats)
+
+
+@torch.no_grad()
+def peek_gap(model: torch.nn.Module, dialogues: list[Dialogue], ks: list[int], mode: str, seed: int) -> float:
+    """Largest change of a logit of an utterance < k_i (per dialogue i) when utterances k_i.. change."""
+    rng = np.random.default_rng(seed)
+    edited = [_edit(rng, d, k, mode) for d, k in zip(dialogues, ks)]
+    before = model(collate_dialogues(dialogues, MODS))
+    after = model(collate_dialogues(edited, MODS))
+    gap, a, b = 0.0, 0, 0
+    for d, e, k in zip(dialogues, edited, ks):
+        if k:
+            gap = max(gap, float((before[a : a + k] - after[b : b + k]).abs().max()))
+        a, b = a + len(d), b + len(e)
+    return gap
+
+
+@st.composite
+def dialogues_and_ks(draw: st.DrawFn) -> tuple[list[Dialogue], list[int], int]:
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    lengths = draw(st.lists(st.integers(1, 14), min_size=1, max_size=4))
+    dialogues = [_dialogue(rng, n, f"d{i}") for i, n in enumerate(lengths)]
+    ks = [draw(st.integers(1, n)) for n in lengths]
+    return dialogues, ks, seed
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=dialogues_and_ks(), wp=st.sampled_from([0, 2, 5]), mode=st.sampled_from(["change", "delete"]))
+def test_causal_model_never_peeks(data, wp, mode):
+    """All three modalities, every component on, batches of dialogues of different lengths (padding)."""
+    dialogues, ks, seed = data
+    assert peek_gap(_model(causal=True, wp=wp), dialogues, ks, mode, seed) <= ATOL
+
+
+def test_causal_model_never_peeks_long_dialogue():
+    """A dialogue longer than the graph window; every cut point."""
+    rng = np.random.default_rng(0)
+    dialogues = [_dialogue(rng, 30, "long"), _dialogue(rng, 7, "short")]
+    for k in (1, 6, 13, 29):
+        for mode in ("change", "delete"):
+            assert peek_gap(_model(causal=True, wp=5), dialogues, [k, min(k, 7)], mode, k) <= ATOL
+
+
+@pytest.mark.parametrize("mode", ["change", "delete"])
+@pytest.mark.parametrize("params", [
+    {"causal": False, "wf": 5},  # the offline model
+    # the text Transformer alone
+    {"causal": False, "wf": 0, "modalities": ("text",), "use_gnn": False, "use_pcm": False},
+    {"causal": False, "wf": 2, "modalities": ("audio",), "use_pcm": False},  # graph window
+    {"causal": False, "wf": 0, "modalities": ("audio", "visual"), "use_gnn": False},  # P-CM
+], ids=["offline", "text-transformer", "graph-future-window", "pcm"])
+def test_the_check_catches_an_offline_model(params, mode):
+    """Each future-reading path of the offline model alone is caught by the same check."""
+    rng = np.random.default_rng(1)
+    dialogues = [_dialogue(rng, 9, "a"), _dialogue(rng, 4, "b")]
+    assert peek_gap(_model(**params), dialogues, [4, 2], mode, seed=2) > 1e-3
+
+
+def test_the_same_paths_are_past_only_when_causal():
+    rng = np.random.default_rng(1)
+    dialogues = [_dialogue(rng, 9, "a"), _dialogue(rng, 4, "b")]
+    for params in ({"modalities": ("text",), "use_gnn": False, "use_pcm": False},
+                   {"modalities": ("audio",), "use_pcm": False},
+                   {"modalities": ("audio", "visual"), "use_gnn": False}):
+        for mode in ("change", "delete"):
+            assert peek_gap(_model(causal=True, **params), dialogues, [4, 2], mode, seed=2) <= ATOL
+
+
+def test_causal_with_a_future_window_is_refused():
+    with pytest.raises(ConfigError, match="causal model cannot look at later utterances"):
+        CorectConfig(causal=True, wf=1).validate()
+    with pytest.raises(ConfigError, match="wf=0"):
+        model_config("corect", {"causal": True, "wf": 5})
+    cfg = load_config("configs/corect_iemocap6_causal.yaml", ["model.wf=2"])
+    with pytest.raises(ConfigError, match="causal"):
+        model_config(cfg.model_name, cfg.model_params)
+    with pytest.raises(ConfigError, match="causal"):
+        build_model("corect", {**SMALL, "causal": True, "wf": 1}, INFO)
+
+
+@pytest.mark.parametrize("preset", ["corect_iemocap4", "corect_iemocap6", "corect_meld"])
+def test_causal_presets_are_the_offline_recipe_made_causal(preset):
+    causal = load_config(f"configs/{preset}_causal.yaml")
+    offline = load_config(f"configs/{preset}.yaml")
+    assert causal.name == f"{preset}_causal"
+    assert causal.model["causal"] is True and causal.model["wf"] == 0
+    assert {**causal.model, "causal": False, "wf": offline.model["wf"]} == offline.model
+    assert causal.train == offline.train and causal.data == offline.data
+    model_config(causal.model_name, causal.model_params)  # validates
