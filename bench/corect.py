@@ -54,9 +54,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from affectkit.data.synthetic_conversation import write_synthetic_conversations
-
     import torch
+
+    from affectkit.data.synthetic_conversation import write_synthetic_conversations
 
     print(f"torch {torch.__version__}, threads {args.threads}, epochs {args.epochs}")
     with tempfile.TemporaryDirectory() as tmp:

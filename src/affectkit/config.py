@@ -155,17 +155,24 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset as a dict; ``base: other.yaml`` (relative to the file) is merged underneath."""
+def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is a one-line ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A preset as a dict; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    path = Path(path)
+    raw = read_mapping(path)
     if "base" in raw:
         base = read_yaml(path.parent / str(raw.pop("base")))
         raw = _deep_merge(base, raw)

@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -44,7 +45,7 @@ from typing import Any
 import yaml
 
 from affectkit import __version__
-from affectkit.config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from affectkit.config import RunConfig, apply_overrides, config_from_dict, read_mapping, read_yaml
 from affectkit.errors import ConfigError
 from affectkit.metrics import LOWER_IS_BETTER
 
@@ -73,10 +74,13 @@ class Variant:
     name: str
     overrides: dict[str, Any]
     raw: dict[str, Any]
+    changes: dict[str, Any] = field(default_factory=dict)  # settings that differ from the study's base preset
 
 
 @dataclass
 class Study:
+    """Variants (by name, the baseline among them) x seeds; built by :func:`load_study`."""
+
     name: str
     variants: dict[str, Variant]
     seeds: list[int]
@@ -125,14 +129,7 @@ def load_study(path: str | Path, seeds: Sequence[int] | None = None,
     """Read a study file: every variant resolved to a full run config and checked. ``seeds`` replaces the
     file's seeds; ``overrides`` (``key=value``, e.g. ``train.epochs=2``) apply to every variant, last."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_mapping(path, "study")
     valid = {"name", "base", "seeds", "baseline", "common", "variants", "include", "description"}
     unknown = sorted(set(raw) - valid)
     if unknown:
@@ -157,7 +154,10 @@ def load_study(path: str | Path, seeds: Sequence[int] | None = None,
             resolved = apply_overrides(apply_overrides(own, common), rest)
             resolved = apply_overrides(resolved, list(overrides or []))
             _check_variant(str(name), resolved, str(path))
-            _add_variant(variants, Variant(str(name), flat, resolved), path)
+            reference = flatten_overrides(apply_overrides(apply_overrides(base, common), list(overrides or [])))
+            changes = {k: v for k, v in flatten_overrides(resolved).items()
+                       if k != "name" and (k not in reference or reference[k] != v)}
+            _add_variant(variants, Variant(str(name), flat, resolved, changes), path)
     if not variants:
         raise ConfigError(f"{path}: no variants (give 'variants:' or 'include:')")
     baseline = str(raw.get("baseline") or next(iter(variants)))
@@ -181,6 +181,8 @@ def _add_variant(variants: dict[str, Variant], v: Variant, path: Path) -> None:
 
 @dataclass
 class RunOutcome:
+    """What became of one (variant, seed) in this invocation."""
+
     variant: str
     seed: int
     ok: bool
@@ -190,6 +192,8 @@ class RunOutcome:
 
 @dataclass
 class StudyResult:
+    """The study folder, one row per finished run (this time or earlier), and what ran now."""
+
     out: Path
     rows: list[dict[str, Any]]
     ran: list[RunOutcome] = field(default_factory=list)
@@ -212,6 +216,7 @@ class StudyResult:
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
+    """The folder of one run: ``OUT/runs/<variant>/seed<k>``."""
     return Path(out) / "runs" / variant / f"seed{seed}"
 
 
@@ -272,7 +277,18 @@ def _run_job(job: dict[str, Any]) -> RunOutcome:
 def _init_worker(threads: int) -> None:
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     torch.set_num_threads(threads)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and end the running ones (their folders lack metrics.json: they rerun)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 def available_cores() -> int:
@@ -301,12 +317,13 @@ def study_command(path: str | Path, data: str | Path | None, seeds: Sequence[int
 
 def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[int] | None = None,
               workers: int = 1, out: str | Path | None = None, overrides: Sequence[str] | None = None,
-              command: str | None = None, progress: bool = True) -> StudyResult:
+              command: str | None = None, progress: bool = True, threads: int | None = None) -> StudyResult:
     """Run every (variant, seed) not done yet with the one trainer, then write results.csv, summary.md, plots.
 
-    ``workers > 1`` trains in that many spawned processes with ``cores // workers`` torch threads each; the
-    parent keeps one progress bar. A run that raises is reported (and its ``error.txt`` written); the others
-    go on. ``data`` defaults to the base preset's ``data.path``; ``overrides`` apply to every run.
+    ``workers > 1`` trains in that many spawned processes with ``threads`` torch threads each (default
+    ``cores // workers``); the parent keeps one progress bar. A run that raises is reported (and its
+    ``error.txt`` written); the others go on. ``data`` defaults to the base preset's ``data.path``;
+    ``overrides`` apply to every run.
     """
     import torch
     from tqdm import tqdm
@@ -335,7 +352,7 @@ def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[
             jobs.append({"variant": variant, "seed": seed, "config": cfg.to_dict(), "run_dir": str(folder)})
     total = skipped + len(jobs)
     workers = max(1, min(workers, len(jobs)))
-    threads = max(1, available_cores() // workers)
+    threads = threads or max(1, available_cores() // workers)
     outcomes: list[RunOutcome] = []
     bar = tqdm(total=total, initial=skipped, desc=f"study {study.name}", unit="run", disable=not progress)
 
@@ -361,8 +378,8 @@ def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[
                 log.setLevel(level)
         elif jobs:
             ctx = mp.get_context("spawn")  # fresh interpreters: no forked OpenMP/torch thread state
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+            try:
                 futures = {pool.submit(_run_job, job): job for job in jobs}
                 for fut in as_completed(futures):
                     job = futures[fut]
@@ -371,6 +388,10 @@ def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[
                     except Exception as exc:  # a worker process died (killed, out of memory): no hang
                         record(RunOutcome(job["variant"], job["seed"], False, 0.0,
                                           f"worker process died ({type(exc).__name__})"))
+            except BaseException:  # Ctrl-C: stop now; finished runs are kept, the cut ones rerun next time
+                _stop(pool)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     rows = collect_results(study, out)
@@ -491,6 +512,11 @@ def _metric_names(rows: list[dict[str, Any]], split: str) -> list[str]:
     return names
 
 
+def _compared_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """Test metrics the summary compares; the test loss is left out (variants may train on different losses)."""
+    return [m for m in _metric_names(rows, "test") if m != "loss"]
+
+
 def _per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, float]:
     return {int(r["seed"]): r[key] for r in rows if r["variant"] == variant and r.get(key) is not None}
 
@@ -528,7 +554,7 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
                      select: str = "Corr", order: Sequence[str] | None = None) -> str:
     """The summary: mean +- std per variant for every test metric (baseline first) and the paired
     difference of each variant to the baseline with its 95% t interval over seeds."""
-    metrics = _metric_names(rows, "test")
+    metrics = _compared_metrics(rows)
     variants = _variants_in(rows, baseline, order)
     seeds = sorted({int(r["seed"]) for r in rows})
     arrow = {m: " ↓" if m in LOWER_IS_BETTER else "" for m in metrics}
@@ -539,7 +565,8 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
              "test evaluated once per run.",
              f"- Written {datetime.now():%Y-%m-%d %H:%M} by affectkit {__version__}.", "",
              "## Test metrics: mean ± std over seeds", "",
-             f"↓ = lower is better. n = seeds finished. valid {select} is the selection metric.", ""]
+             f"↓ = lower is better. n = seeds finished. valid {select} is the selection metric. "
+             "The test loss is in results.csv only (variants may train on different losses).", ""]
     head = ["variant", "n", *[f"{m}{arrow[m]}" for m in metrics], f"valid {select}", "train s", "params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
@@ -575,7 +602,7 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
                              + ("\\*" if d.excludes_zero else ""))
         lines.append("| " + " | ".join([cells[0], str(n), *cells[1:]]) + " |")
     if overrides is not None:
-        lines += ["", "## Variants", "", "| variant | overrides of the base preset |", "|---|---|"]
+        lines += ["", "## Variants", "", "| variant | settings that differ from the base preset |", "|---|---|"]
         for v, over in overrides.items():
             text = ", ".join(f"`{k}={json.dumps(val)}`" for k, val in over.items()) or "(the base preset)"
             lines.append(f"| {v} | {text} |")
@@ -590,9 +617,12 @@ def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, data: str
     write_results_csv(rows, out / "results.csv")
     missing = [f"{v}/seed{s}" for s in study.seeds for v in study.variants
                if not any(r["variant"] == v and r["seed"] == s for r in rows)]
-    select = str(study.variants[study.baseline].raw.get("train", {}).get("select") or "Corr")
+    from affectkit.tasks import get_task
+
+    base_cfg = config_from_dict(study.variants[study.baseline].raw)
+    select = base_cfg.train.select or get_task(base_cfg.data.task).default_select
     text = summary_markdown(rows, study.baseline, describe_data(data), command, study.name,
-                            {v: s.overrides for v, s in study.variants.items()}, select, list(study.variants))
+                            {v: s.changes for v, s in study.variants.items()}, select, list(study.variants))
     if missing:
         text += f"\nNot finished (yet): {', '.join(missing)}.\n"
     (out / "summary.md").write_text(text)
@@ -609,9 +639,9 @@ def write_plots(rows: list[dict[str, Any]], baseline: str, out: Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metrics = _metric_names(rows, "test")
+    metrics = _compared_metrics(rows)
     variants = _variants_in(rows, baseline, order)
-    cols = 3
+    cols = 4
     nrows = math.ceil(len(metrics) / cols)
     colors = ["tab:orange" if v == baseline else "tab:blue" for v in variants]
     written = []
@@ -676,7 +706,7 @@ def write_plots(rows: list[dict[str, Any]], baseline: str, out: Path,
             ax.plot(range(1, epochs + 1), mean, label=v, color=color, lw=2.2 if v == baseline else 1.2,
                     ls="-" if (variants.index(v) // 10) % 2 == 0 else "--")  # colours repeat after ten
         ax.set_xlabel("epoch")
-        ax.set_title(f"mean {title} over seeds", fontsize=10)
+        ax.set_title(f"mean {title} over seeds (each variant's own loss)", fontsize=10)
     if fig.axes[-1].lines:
         fig.axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()

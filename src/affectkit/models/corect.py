@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
 from affectkit.models.attention import TransformerLayer, TransformerStack, attention_mask
-from affectkit.models.registry import register_model
+from affectkit.models.registry import check_modalities, register_model
 
 CONVERSATION_MODALITIES: tuple[str, ...] = ("text", "audio", "visual")
 
@@ -49,10 +49,7 @@ class CorectConfig:
     causal: bool = False
 
     def validate(self) -> None:
-        mods = list(self.modalities)
-        if not mods or len(set(mods)) != len(mods) or any(m not in CONVERSATION_MODALITIES for m in mods):
-            raise ConfigError(f"model.modalities must be a non-empty subset of {list(CONVERSATION_MODALITIES)}, "
-                              f"got {mods}")
+        check_modalities(self.modalities, CONVERSATION_MODALITIES)
         if self.wp < 0 or self.wf < 0:
             raise ConfigError(f"model.wp and model.wf must be >= 0, got wp={self.wp}, wf={self.wf}")
         if self.causal and self.wf > 0:

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from affectkit.data.mosi import MODALITIES
 from affectkit.errors import ConfigError
 from affectkit.models.attention import TransformerLayer, TransformerStack, attention_mask
-from affectkit.models.registry import register_model
+from affectkit.models.registry import check_modalities, register_model
 
 ENCODERS: tuple[str, ...] = ("lstm", "transformer")
 FUSIONS: tuple[str, ...] = ("add", "self_attention", "cross_attention")
@@ -55,10 +55,7 @@ class MosiSeqConfig:
     head_dropout: float = 0.0  # dropout on the pooled vector before the output layer
 
     def validate(self) -> None:
-        mods = list(self.modalities)
-        if not mods or len(set(mods)) != len(mods) or any(m not in MODALITIES for m in mods):
-            raise ConfigError(f"model.modalities must be a non-empty subset of {list(MODALITIES)} "
-                              f"without repeats, got {mods}")
+        check_modalities(self.modalities, MODALITIES)
         if self.hidden < 1 or self.num_layers < 1:
             raise ConfigError("model.hidden and model.num_layers must be >= 1")
         choices = (("encoder", self.encoder, ENCODERS), ("fusion", self.fusion, FUSIONS),

@@ -42,6 +42,13 @@ def register_model(name: str, config_cls: type, task: str) -> Callable[[type[nn.
     return wrap
 
 
+def check_modalities(modalities: list[str], valid: tuple[str, ...]) -> None:
+    """A model's ``modalities`` must be a non-empty subset of ``valid`` without repeats."""
+    mods = list(modalities)
+    if not mods or len(set(mods)) != len(mods) or any(m not in valid for m in mods):
+        raise ConfigError(f"model.modalities must be a non-empty subset of {list(valid)} without repeats, got {mods}")
+
+
 def model_names(task: str | None = None) -> list[str]:
     return sorted(n for n, e in _MODELS.items() if task is None or e.task == task)
 

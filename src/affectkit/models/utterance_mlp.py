@@ -13,7 +13,7 @@ from torch import nn
 
 from affectkit.errors import ConfigError
 from affectkit.models.corect import CONVERSATION_MODALITIES
-from affectkit.models.registry import register_model
+from affectkit.models.registry import check_modalities, register_model
 
 
 @dataclass
@@ -24,9 +24,7 @@ class UtteranceMlpConfig:
     dropout: float = 0.5
 
     def validate(self) -> None:
-        mods = list(self.modalities)
-        if not mods or len(set(mods)) != len(mods) or any(m not in CONVERSATION_MODALITIES for m in mods):
-            raise ConfigError(f"model.modalities must be a non-empty subset of {list(CONVERSATION_MODALITIES)}")
+        check_modalities(self.modalities, CONVERSATION_MODALITIES)
         if self.layers < 1 or self.hidden < 1:
             raise ConfigError("model.layers and model.hidden must be >= 1")
 
