@@ -29,6 +29,7 @@ model; one session is not meant to be pushed from two threads at once.  Bad inpu
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -461,25 +462,15 @@ class Stream:
             views.append(self._graph_step(model.graph, feats))
         if model.pcm is not None and eng.pcm_groups is not None:
             views.append(self._pcm_step(model.pcm, feats))
-        elif model.pcm is not None:
-            outs = []
-            pcm = model.pcm
-            for j, mj in enumerate(pcm.modalities):
-                parts = []
-                for k, mk in enumerate(pcm.modalities):
-                    if k == j:
-                        continue
-                    x = feats[j]
-                    for layer in pcm.cross[f"{mj}<-{mk}"]:
-                        x = self._attend(slot, layer, x, feats[k])
-                        slot += 1
-                    parts.append(x)
-                x = torch.cat(parts, dim=-1)
-                for layer in pcm.fuse[mj].layers:
-                    x = self._attend(slot, layer, x, x)
-                    slot += 1
-                outs.append(x)
-            views.append(torch.cat(outs, dim=-1)[0])
+        elif model.pcm is not None:  # layers one by one, in the model's own traversal order
+            pcm, slots = model.pcm, itertools.count(slot)
+
+            def fuse(m: str, x: torch.Tensor) -> torch.Tensor:
+                for layer in pcm.fuse[m].layers:
+                    x = self._attend(next(slots), layer, x, x)
+                return x
+
+            views.append(pcm.apply(feats, lambda layer, x, kv: self._attend(next(slots), layer, x, kv), fuse)[0])
         rep = torch.cat(views, dim=-1) if views else torch.cat(feats, dim=-1)[0]
         return model.classifier(rep)[0]
 

@@ -10,6 +10,7 @@ modality attend to the other, then self-attention per target modality). A classi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import permutations
 from typing import Any
@@ -79,10 +80,11 @@ class PairwiseCrossModal(nn.Module):
         })
         self.out_dim = n * width
 
-    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool) -> torch.Tensor:
-        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h)."""
-        t = feats[0].shape[1]
-        mask = attention_mask(valid, t, t, causal)
+    def apply(self, feats: list[torch.Tensor],
+              cross: Callable[[TransformerLayer, torch.Tensor, torch.Tensor], torch.Tensor],
+              fuse: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The P-CM traversal, shared by the batch model and the streaming engine: for each target modality,
+        ``cross(layer, x, kv)`` through each pair's stack, then ``fuse(modality, concatenated parts)``."""
         outs = []
         for j, mj in enumerate(self.modalities):
             parts = []
@@ -91,10 +93,17 @@ class PairwiseCrossModal(nn.Module):
                     continue
                 x = feats[j]
                 for layer in self.cross[f"{mj}<-{mk}"]:
-                    x = layer(x, mask, kv=feats[k])
+                    x = cross(layer, x, feats[k])
                 parts.append(x)
-            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), valid, causal))
+            outs.append(fuse(mj, torch.cat(parts, dim=-1)))
         return torch.cat(outs, dim=-1)
+
+    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h)."""
+        t = feats[0].shape[1]
+        mask = attention_mask(valid, t, t, causal)
+        return self.apply(feats, lambda layer, x, kv: layer(x, mask, kv=kv),
+                          lambda m, x: self.fuse[m](x, valid, causal))
 
 
 class RelationalGraph(nn.Module):
