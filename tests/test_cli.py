@@ -16,6 +16,7 @@ from affectkit.cli import main
 from affectkit.config import RunConfig, load_config
 from affectkit.data.mosi import load_mosi
 from affectkit.metrics import REGRESSION_METRICS
+from affectkit.train import resolve_config
 
 FAST_SET = ["--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "model.hidden=16"]
 
@@ -85,7 +86,7 @@ def test_train_prints_table_and_run_folder(cli_run: dict) -> None:
     for split, col in (("valid", 0), ("test", 1)):
         for name in rows:
             assert rows[name][col] == f"{saved[split][name]:.4f}", (split, name)
-    assert "selected epoch 1 on valid Corr" in out
+    assert "selected epoch 1 of 1 on valid Corr" in out
     assert run.is_dir() and run.parent == cli_run["root"] / "runs" / "mosi_lab"
     assert (run / "best.pt").is_file()
     cfg = load_config(run / "config.yaml")
@@ -130,7 +131,7 @@ def test_demo_plumbing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     cfg = load_config(run / "config.yaml")
     expected = RunConfig()
     expected.name, expected.out_dir, expected.train.epochs = "demo", str(out_dir / "runs"), 1
-    assert cfg == expected
+    assert cfg == resolve_config(expected)[0]  # the saved config is resolved: the task defaults filled in
     # a second demo reuses the data file
     assert main(["demo", "--out", str(out_dir), "--epochs", "1"]) == 0
     assert "writing" not in capsys.readouterr().out and len(calls) == 1

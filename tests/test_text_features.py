@@ -82,7 +82,7 @@ def test_iemocap4_real_keeps_only_four_labels():
     data = load_cosmic("iemocap4", _real("iemocap4"))
     labels = {y for ds in data.splits.values() for d in ds for y in d["labels"]}
     assert labels == {0, 1, 2, 3}
-    assert data.label_names == ["happy", "sad", "neutral", "angry"]
+    assert data.label_names == ["hap", "sad", "neu", "ang"]
     assert sum(data.utterances(s) for s in ("train", "dev", "test")) == 648 + 1084 + 1708 + 1103
     assert "not merged" in data.notes
     assert all(d["labels"] for ds in data.splits.values() for d in ds)
@@ -153,21 +153,22 @@ def test_meld_speakers_by_first_appearance(tmp_path):
     assert data.splits["train"][0]["speakers"] == ["0", "1", "0", "2"]
     assert data.splits["train"][0]["sentences"][0] == "a’s"
     assert data.splits["train"][0]["vid"] == "3"
-    assert "last" in data.notes and len(data.splits["dev"]) == 0  # one train dialogue: nothing to hold out
+    assert "first" in data.notes and len(data.splits["dev"]) == 0  # one train dialogue: nothing to hold out
     assert load_cosmic("meld", tmp_path).splits["test"][0]["labels"] == [6]
 
 
 def test_iemocap_dev_fallback_and_four_way(tmp_path):
     _write(tmp_path / "iemocap_cosmic" / "iemocap.pkl", _tiny_iemocap(valid=False))
     data = load_cosmic("iemocap", tmp_path)
-    assert [d["vid"] for d in data.splits["dev"]] == ["e"]  # the last 10% (rounded up) of train, file order
-    assert [d["vid"] for d in data.splits["train"]] == ["a", "b", "d"]
-    assert "last 1 of 4 train dialogues" in data.notes
+    assert [d["vid"] for d in data.splits["dev"]] == ["a"]  # the first 10% (rounded up) of train, file order
+    assert [d["vid"] for d in data.splits["train"]] == ["b", "d", "e"]
+    assert "first 1 of 4 train dialogues" in data.notes
     four = load_cosmic("iemocap4", tmp_path)
-    assert [d["vid"] for d in four.splits["train"]] == ["a", "d"]  # "b" was all frustrated: dropped
-    assert four.splits["train"][0]["labels"] == [0, 2]
-    assert four.splits["train"][0]["speakers"] == ["M", "M"]
-    assert four.splits["train"][0]["sentences"] == ["I am so happy today!", "Okay."]
+    assert [d["vid"] for d in four.splits["dev"]] == ["a"]
+    assert [d["vid"] for d in four.splits["train"]] == ["d", "e"]  # "b" was all frustrated: dropped
+    assert four.splits["dev"][0]["labels"] == [0, 2]  # "a" without its excited utterance
+    assert four.splits["dev"][0]["speakers"] == ["M", "M"]
+    assert four.splits["dev"][0]["sentences"] == ["I am so happy today!", "Okay."]
 
 
 @pytest.mark.parametrize(
@@ -288,7 +289,7 @@ def test_build_text_features_layout(tmp_path):
     )
     assert summary4["embedded"] == 0 and summary4["cached"] > 0
     data4 = safe_load(out4)
-    assert data4["label_names"] == ["happy", "sad", "neutral", "angry"]
+    assert data4["label_names"] == ["hap", "sad", "neu", "ang"]
     np.testing.assert_array_equal(data4["train"][0]["text"], d["text"][[0, 2]])
 
 

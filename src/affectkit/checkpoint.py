@@ -46,13 +46,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
-    """Rebuild the model from a checkpoint alone: (model in eval mode, run config, data info)."""
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """Rebuild the model from a checkpoint alone, on ``device``: (model in eval mode, run config, data info).
+
+    Checkpoints hold CPU tensors whatever device trained them, so any checkpoint loads on any device."""
     from affectkit.models import build_model
 
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     model = build_model(cfg.model_name, cfg.model_params, ckpt["info"])
     model.load_state_dict(ckpt["state_dict"])
+    model.to(device)
     model.eval()
     return model, cfg, ckpt["info"]

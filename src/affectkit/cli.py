@@ -48,7 +48,8 @@ def _train_and_report(config: str | Path | None, data: str | None, overrides: li
     cfg = load_config(config, overrides)
     result = train(cfg, data_path=data)
     print(metric_table({"valid": result.valid, "test": result.test}))
-    print(f"selected epoch {result.best_epoch} on valid {cfg.train.select}; "
+    stop = f" (early stop after {result.epochs_run})" if result.stopped_early else ""
+    print(f"selected epoch {result.best_epoch} of {result.max_epochs}{stop} on valid {result.select}; "
           f"{result.train_seconds:.1f}s training, {result.n_params} parameters")
     print(f"run folder: {result.run_dir}  (tensorboard --logdir {result.run_dir / 'tb'})")
 
@@ -72,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from affectkit.evaluate import evaluate_checkpoint
 
-    results = evaluate_checkpoint(args.checkpoint, args.data, args.split)
+    results = evaluate_checkpoint(args.checkpoint, args.data, args.split, device=args.device)
     print(metric_table(results))
     if args.json:
         from affectkit.train import json_safe
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data")
     s.add_argument("--split", action="append", help="split(s) to evaluate (default: all)")
     s.add_argument("--json", help="also write the metrics to this JSON file")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("stream", help="classify 'speaker<TAB>sentence' lines live (causal text checkpoint)")

@@ -24,26 +24,33 @@ class DataConfig:
 
     task: str = "mosi"  # mosi (regression) | conversation (emotion recognition in conversation)
     path: str | None = None
+    #: Class names in label order (classification tasks). A file whose labels fall outside this list, or
+    #: whose own ``label_names`` differ, is refused; None = read the classes from the file.
+    classes: list[str] | None = None
 
 
 @dataclass
 class TrainConfig:
     """Settings of the one trainer (every model uses it)."""
 
-    epochs: int = 20
+    epochs: int = 20  # the most epochs a run may take (early stopping may end it sooner)
+    patience: int = 0  # early stopping: stop after this many epochs without a better dev `select`; 0 = off
     batch_size: int = 16
     eval_batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: str = "cosine"  # cosine (stepped per batch, T_max = epochs * batches) | plateau | none
+    #: None = the task's default (see ``Task.defaults``): cosine for MOSI regression, plateau for conversations.
+    scheduler: str | None = None  # cosine (stepped per batch, T_max = epochs * batches) | plateau | none
     plateau_factor: float = 0.5
     plateau_patience: int = 5
-    loss: str = "mse"  # mse | l1 | huber (regression); ce (classification)
+    loss: str | None = None  # mse | l1 | huber (regression); ce (classification); None = the task's default
     huber_delta: float = 1.0
     class_weights: bool = False  # inverse-frequency class weights for ce
     grad_clip: float = 0.0  # 0 = off
-    select: str = "Corr"  # validation metric that picks the epoch (never a test metric)
+    select: str | None = None  # validation metric that picks the epoch (never a test metric); None = task's
     seed: int = 42
+    device: str = "auto"  # auto (cuda if available, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    amp: bool = False  # mixed precision (autocast, bf16 where supported else fp16) on cuda; off by default
     num_threads: int = 0  # 0 = torch's default
     progress: bool = True
     tensorboard: bool = True
@@ -170,12 +177,16 @@ def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A preset as a dict; ``base: other.yaml`` (relative to the file) is merged underneath."""
+    """A preset as a dict; ``base: other.yaml`` or ``base: [a.yaml, b.yaml]`` (relative to the file, merged
+    in order, later ones winning) lies underneath, so presets compose from shared groups."""
     path = Path(path)
     raw = read_mapping(path)
     if "base" in raw:
-        base = read_yaml(path.parent / str(raw.pop("base")))
-        raw = _deep_merge(base, raw)
+        bases = raw.pop("base")
+        merged: dict[str, Any] = {}
+        for base in bases if isinstance(bases, list) else [bases]:
+            merged = _deep_merge(merged, read_yaml(path.parent / str(base)))
+        raw = _deep_merge(merged, raw)
     return raw
 
 

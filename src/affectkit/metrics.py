@@ -19,6 +19,9 @@ log = logging.getLogger("affectkit")
 REGRESSION_METRICS: tuple[str, ...] = (
     "MAE", "Corr", "Acc7", "Acc5", "Non0_Acc2", "Non0_F1", "Has0_Acc2", "Has0_F1",
 )
+#: Scalar metrics of the classification suite (``classification_metrics`` also returns per-class F1 and a
+#: confusion matrix, which cannot select an epoch).
+CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1_weighted", "F1_macro")
 #: Metrics where lower is better (every other metric: higher is better).
 LOWER_IS_BETTER: frozenset[str] = frozenset({"MAE", "loss"})
 

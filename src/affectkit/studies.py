@@ -247,10 +247,11 @@ def _load_data(cfg: RunConfig, path: str) -> Any:
     task = get_task(cfg.data.task)
     mcfg = model_config(cfg.model_name, cfg.model_params)
     p = Path(path)
-    key = (task.name, str(p.resolve()), p.stat().st_mtime_ns, repr(getattr(mcfg, "modalities", None)))
+    key = (task.name, str(p.resolve()), p.stat().st_mtime_ns, repr(getattr(mcfg, "modalities", None)),
+           repr(cfg.data.classes))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = task.load(p, mcfg)
+        _DATA_CACHE[key] = task.load(p, mcfg, cfg.data)
     return _DATA_CACHE[key]
 
 
@@ -411,7 +412,8 @@ def collect_results(study: Study, out: Path) -> list[dict[str, Any]]:
             if not f.is_file():
                 continue
             m = json.loads(f.read_text())
-            row: dict[str, Any] = {"variant": variant, "seed": seed, "best_epoch": m.get("best_epoch")}
+            row: dict[str, Any] = {"variant": variant, "seed": seed, "best_epoch": m.get("best_epoch"),
+                                   "epochs_run": m.get("epochs_run"), "max_epochs": m.get("max_epochs")}
             for split in ("valid", "test"):
                 for k, v in (m.get(split) or {}).items():
                     if isinstance(v, int | float) or v is None:

@@ -1,8 +1,10 @@
 """The one trainer, for every model and task.
 
 Adam; a per-batch cosine schedule (the MOSI recipe) or ReduceLROnPlateau on the validation loss (CORECT);
-selection of the epoch on a validation metric (never the test split); the best weights are reloaded and the
-test split is evaluated once. Each run writes a folder: ``config.yaml``, ``metrics.json``, ``best.pt`` and
+selection of the epoch on a validation metric (never the test split), optionally with early stopping
+(``train.patience``); the best weights are reloaded and the test split is evaluated once.  The task supplies
+what the config leaves unset (``select``, ``loss``, ``scheduler``).  The model and every batch live on
+``train.device`` (``auto`` picks cuda, then mps, then the CPU); checkpoints always hold CPU tensors. Each run writes a folder: ``config.yaml``, ``metrics.json``, ``best.pt`` and
 TensorBoard events (losses, every scalar metric per epoch, the model graph).
 """
 
@@ -13,7 +15,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from affectkit.checkpoint import save_checkpoint
 from affectkit.config import RunConfig, dump_yaml
+from affectkit.device import autocast, grad_scaler, resolve_device
 from affectkit.errors import ConfigError
 from affectkit.metrics import is_better
 from affectkit.models import build_model, get_model_entry
@@ -59,6 +63,10 @@ class RunResult:
     train_seconds: float
     n_params: int
     profile: dict[str, float] = field(default_factory=dict)
+    epochs_run: int = 0  # epochs actually trained (fewer than train.epochs when early stopping ended the run)
+    max_epochs: int = 0  # train.epochs: the most the run was allowed
+    stopped_early: bool = False
+    select: str = ""  # the validation metric that chose the epoch
 
 
 def json_safe(value: Any) -> Any:
@@ -84,14 +92,22 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, data: Any, split: str, batch_size: int, loss_fn: Any,
-             info: dict[str, Any]) -> EvalResult:
-    """Loss (mean over samples), predictions and the metric suite on one split."""
+             info: dict[str, Any], amp: bool = False) -> EvalResult:
+    """Loss (mean over samples), predictions and the metric suite on one split (on the model's device)."""
     model.eval()
+    device = model_device(model)
     preds, truths, total, count = [], [], 0.0, 0
     for batch in task.loader(data, split, batch_size, shuffle=False):
-        out = model(batch)
+        batch = task.to_device(batch, device)
+        with autocast(device, amp):
+            out = model(batch)
         p, t, n = task.targets(out, batch)
         total += float(loss_fn(out, batch)) * n
         count += n
@@ -141,24 +157,40 @@ def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch
     raise ConfigError(f"unknown train.scheduler {kind!r}; valid: cosine, plateau, none")
 
 
-def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Path | None = None,
-          data: Any = None) -> RunResult:
-    """Train ``cfg`` on a data file, select on validation, test once; returns the run's results."""
+#: Called after each epoch's validation with (epoch, dev score of ``train.select``); may raise to end the run
+#: (e.g. ``optuna.TrialPruned``), which then propagates to the caller.
+EpochCallback = Callable[[int, float], None]
+
+
+def resolve_config(cfg: RunConfig) -> tuple[RunConfig, Task]:
+    """``cfg`` with the task's defaults filled in and every choice checked, before any data is read."""
     task = get_task(cfg.data.task)
     entry = get_model_entry(cfg.model_name)
     if entry.task != task.name:
         raise ConfigError(f"model {cfg.model_name!r} is for task {entry.task!r}, but data.task is {task.name!r}")
-    mcfg = model_config(cfg.model_name, cfg.model_params)
-    tc = cfg.train
+    tc = task.resolve(cfg.train)
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(tc, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(tc, key)}")
-    select = tc.select or task.default_select
+    if tc.patience < 0:
+        raise ConfigError(f"train.patience must be >= 0 (0 = no early stopping), got {tc.patience}")
+    resolve_device(tc.device)  # an unknown or absent device fails here, not after loading the data
+    return replace(cfg, train=tc), task
+
+
+def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Path | None = None,
+          data: Any = None, on_epoch: EpochCallback | None = None) -> RunResult:
+    """Train ``cfg`` on a data file, select on validation, test once; returns the run's results."""
+    cfg, task = resolve_config(cfg)
+    mcfg = model_config(cfg.model_name, cfg.model_params)
+    tc = cfg.train
+    select = tc.select
+    device = resolve_device(tc.device)
     path = data_path or cfg.data.path
     if data is None:
         if path is None:
             raise ConfigError("no data file: pass --data PATH or set data.path")
-        data = task.load(path, mcfg)
+        data = task.load(path, mcfg, cfg.data)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     info = task.info(data)
@@ -166,7 +198,9 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     seed_everything(tc.seed)
     model = build_model(cfg.model_name, cfg.model_params, info)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss_fn = task.loss_fn(tc, data)
+    model.to(device)
+    loss_fn = task.loss_fn(tc, data, device)
+    scaler = grad_scaler(device, tc.amp)
     train_loader = task.loader(data, task.splits[0], tc.batch_size, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, step_on = _scheduler(cfg, optimizer, len(train_loader))
@@ -183,11 +217,14 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
             # Iterating a DataLoader draws a seed from the global RNG: restore it, or the seeded shuffle
             # (and so every result) would differ from a run without the graph (and from the lab's script).
             with torch.random.fork_rng(devices=[]):
-                _add_graph(writer, model, task.example_input(data))
-    log.info("%s | model %s, %d parameters | run folder %s", task.describe(data), cfg.model_name, n_params, run_dir)
+                example = task.example_input(data)
+                if example is not None:
+                    _add_graph(writer, model, task.to_device(example, device))
+    log.info("%s | model %s, %d parameters on %s | run folder %s", task.describe(data), cfg.model_name, n_params,
+             device, run_dir)
 
     best_score: float | None = None
-    best_epoch, best_state = 0, None
+    best_epoch, best_state, stale = 0, None, 0
     history: list[dict[str, Any]] = []
     prof = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "evaluate": 0.0}
     start = time.perf_counter()
@@ -204,15 +241,19 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
             prof["data"] += t1 - t0
             if batch is None:
                 break
+            batch = task.to_device(batch, device)
             optimizer.zero_grad()
-            out = model(batch)
-            loss = loss_fn(out, batch)
+            with autocast(device, tc.amp):
+                out = model(batch)
+                loss = loss_fn(out, batch)
             t2 = time.perf_counter()
-            loss.backward()
+            scaler.scale(loss).backward()
             if tc.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             t3 = time.perf_counter()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if step_on == "batch":
                 scheduler.step()
             t4 = time.perf_counter()
@@ -226,19 +267,17 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
         t5 = time.perf_counter()
-        val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info)
+        val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info, tc.amp)
         prof["evaluate"] += time.perf_counter() - t5
         if step_on == "epoch":
             scheduler.step(val.loss)
-        score = val.metrics.get(select)
-        if score is None:
-            raise ConfigError(f"train.select {select!r} is not a metric of task {task.name!r}; "
-                              f"valid: {', '.join(k for k, v in val.metrics.items() if isinstance(v, float))}")
+        score = float(val.metrics[select])
         improved = is_better(select, score, best_score)
         if improved or best_state is None:
             best_score = score if improved else best_score
             best_epoch = epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stale = 0 if best_epoch == epoch else stale + 1
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "valid_loss": val.loss,
                "lr": optimizer.param_groups[0]["lr"],
                **{f"valid_{k}": v for k, v in val.metrics.items() if isinstance(v, float)}}
@@ -252,22 +291,29 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
                     writer.add_scalar(f"valid/{k}", v, epoch)
         log.info("epoch %d/%d train loss %.4f valid loss %.4f valid %s %.4f%s", epoch, tc.epochs,
                  row["train_loss"], val.loss, select, score, " *" if best_epoch == epoch else "")
+        if on_epoch is not None:
+            on_epoch(epoch, score)
+        if tc.patience and stale >= tc.patience:
+            log.info("early stop after epoch %d: no better valid %s for %d epochs", epoch, select, stale)
+            break
     train_seconds = time.perf_counter() - start
+    epochs_run = len(history)
 
     model.load_state_dict(best_state)
-    val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info)
-    test = evaluate(model, task, data, task.splits[2], tc.eval_batch_size, loss_fn, info)
+    val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info, tc.amp)
+    test = evaluate(model, task, data, task.splits[2], tc.eval_batch_size, loss_fn, info, tc.amp)
     if writer is not None:
         for k, v in test.metrics.items():
             if isinstance(v, float) and math.isfinite(v):
                 writer.add_scalar(f"test/{k}", v, best_epoch)
         writer.close()
     result = RunResult(run_dir, best_epoch, {"loss": val.loss, **val.metrics}, {"loss": test.loss, **test.metrics},
-                       history, train_seconds, n_params, prof)
+                       history, train_seconds, n_params, prof, epochs_run, tc.epochs, epochs_run < tc.epochs, select)
     save_checkpoint(run_dir / "best.pt", cfg, info, model, {"best_epoch": best_epoch, "select": select})
     (run_dir / "metrics.json").write_text(json.dumps(json_safe({
         "data": str(path) if path is not None else None,
-        "model": cfg.model_name, "select": select, "best_epoch": best_epoch,
+        "model": cfg.model_name, "select": select, "best_epoch": best_epoch, "epochs_run": epochs_run,
+        "max_epochs": tc.epochs, "patience": tc.patience, "device": str(device),
         "valid": result.valid, "test": result.test, "train_seconds": train_seconds,
         "n_params": n_params, "profile": prof, "history": history,
     }), indent=2))

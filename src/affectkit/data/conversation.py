@@ -14,6 +14,7 @@ Batches pad dialogues to the longest in the batch: features with 0, labels with 
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from affectkit.errors import ConfigError, DataError
 from affectkit.safe_pickle import safe_load
+
+log = logging.getLogger("affectkit")
 
 __all__ = [
     "IGNORE_INDEX",
@@ -185,11 +188,16 @@ class _RawDialogue:
     raw: dict[str, Any]
 
 
-def load_conversations(path: str | Path, modalities: Sequence[str] | None = None) -> ConversationData:
+def load_conversations(path: str | Path, modalities: Sequence[str] | None = None,
+                       classes: Sequence[str] | None = None,
+                       speakers: Sequence[str | int] | None = None) -> ConversationData:
     """Load and validate a COGMEN/CORECT-layout conversation pickle; keep only ``modalities``.
 
     ``modalities=None`` keeps every modality the file holds.  A requested modality the file lacks, and
     any malformed dialogue, raise a one-line DataError naming the file, split and dialogue vid.
+    ``classes`` (a preset's or a checkpoint's class list) fixes the label set: a file whose ``label_names``
+    differ, or a label outside it, is refused.  ``speakers`` (a checkpoint's speaker tags) fixes the speaker
+    slots: a tag outside it is refused, naming the known ones.
     """
     path = Path(path)
     name = str(path)
@@ -282,6 +290,14 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
 
     # File-wide label and speaker sets.
     max_label = max(int(d.labels.max()) for ds in dialogues.values() for d in ds)
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if label_names is not None and label_names != classes:
+            raise DataError(f"{name}: the file's label_names {label_names} differ from the expected classes "
+                            f"{classes} (set data.classes to match the file, or use the right preset)")
+        label_names, source = classes, "the expected classes"
+    else:
+        source = "the file's label_names"
     if label_names is not None:
         n_classes = len(label_names)
         for ds in dialogues.values():
@@ -290,11 +306,19 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
                     i = int(np.argmax(d.labels >= n_classes))
                     raise DataError(
                         f"{d.where}: label {int(d.labels[i])} at utterance {i} outside [0, {n_classes}) "
-                        f"(the file's label_names has {n_classes} names)"
+                        f"({source}: {', '.join(label_names)})"
                     )
     else:
         n_classes = max_label + 1
         label_names = [str(k) for k in range(n_classes)]
+    train_counts = np.bincount(np.concatenate([d.labels for d in dialogues["train"]]), minlength=n_classes)
+    missing = [label_names[c] for c in np.flatnonzero(train_counts == 0)]
+    if missing:
+        log.warning("%s: no training example of class %s", name, ", ".join(missing))
+    if speakers is not None:  # a checkpoint's speaker slots
+        declared, origin = [_as_tag(t, f"{name}: speakers") for t in speakers], "the model knows"
+    else:
+        origin = "the file declares"
     if declared is not None:
         speakers = declared
         allowed = set(declared)
@@ -303,7 +327,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
                 unknown = [t for t in dict.fromkeys(d.tags) if t not in allowed]
                 if unknown:
                     raise DataError(
-                        f"{d.where}: unknown speaker tag {unknown[0]!r}; the file declares {declared!r}"
+                        f"{d.where}: unknown speaker tag {unknown[0]!r}; {origin} {declared!r}"
                     )
     else:
         union = {t for ds in dialogues.values() for d in ds for t in d.tags}

@@ -24,7 +24,8 @@ from affectkit.safe_pickle import safe_load
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DATASETS: tuple[str, ...] = ("iemocap", "iemocap4", "meld")
 
-IEMOCAP_LABELS: list[str] = ["happy", "sad", "neutral", "angry", "excited", "frustrated"]
+#: IEMOCAP's usual abbreviations (happy, sad, neutral, angry, excited, frustrated), as the presets name them.
+IEMOCAP_LABELS: list[str] = ["hap", "sad", "neu", "ang", "exc", "fru"]
 IEMOCAP4_LABELS: list[str] = IEMOCAP_LABELS[:4]
 MELD_LABELS: list[str] = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 
@@ -299,7 +300,8 @@ def _one_hot(value: Any, path: Path, vid: Any) -> int:
 def _make_splits(
     path: Path, dialogue: Any, train: list[Any], valid: list[Any], test: list[Any]
 ) -> tuple[dict[str, list[Dialogue]], str]:
-    """Build train/dev/test; dev is the file's valid list, or the last 10% of train when it has none."""
+    """Build train/dev/test; dev is the file's valid list, or the first 10% of train when it has none (the
+    spec's rule)."""
     seen: dict[Any, str] = {}
     for name, vids in (("train_vids", train), ("valid_vids", valid), ("test_vids", test)):
         for vid in vids:
@@ -310,9 +312,9 @@ def _make_splits(
         notes = f"dev = the file's valid list ({len(valid)} dialogues)"
     else:
         n_dev = max(1, math.ceil(DEV_FRACTION * len(train))) if len(train) > 1 else 0
-        train, valid = train[: len(train) - n_dev], train[len(train) - n_dev :]
+        valid, train = train[:n_dev], train[n_dev:]
         notes = (
-            f"the file has no valid dialogues: dev = the last {n_dev} of {len(train) + n_dev} "
+            f"the file has no valid dialogues: dev = the first {n_dev} of {len(train) + n_dev} "
             f"train dialogues in file order ({DEV_FRACTION:.0%})"
         )
     splits: dict[str, list[Dialogue]] = {}

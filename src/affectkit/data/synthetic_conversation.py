@@ -79,7 +79,7 @@ PRESETS: dict[str, SyntheticPreset] = {
         n_dialogues={"train": 40, "dev": 6, "test": 12},
     ),
     "mosei2": SyntheticPreset(
-        label_names=("Negative", "Positive"),
+        label_names=("negative", "positive"),
         class_prior=(0.35, 0.65),
         speakers=("S",),
         dims={"text": 768, "audio": 80, "visual": 35},

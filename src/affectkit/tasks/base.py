@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from affectkit.config import TrainConfig
+from affectkit.config import DataConfig, TrainConfig
+from affectkit.errors import ConfigError
+
+SCHEDULERS: tuple[str, ...] = ("cosine", "plateau", "none")
 
 
 class Task:
@@ -17,10 +21,45 @@ class Task:
 
     name: str = ""
     splits: tuple[str, str, str] = ("train", "valid", "test")
-    default_select: str = ""
+    #: What the task supplies for ``train.select`` / ``train.loss`` / ``train.scheduler`` left unset (None).
+    defaults: dict[str, str] = {}
+    losses: tuple[str, ...] = ()
+    #: Scalar validation metrics that may select the epoch.
+    metric_names: tuple[str, ...] = ()
 
-    def load(self, path: str | Path, model_cfg: Any) -> Any:
+    @property
+    def default_select(self) -> str:
+        return self.defaults["select"]
+
+    def resolve(self, tc: TrainConfig) -> TrainConfig:
+        """``tc`` with the task's defaults filled in and each choice checked, before any training starts."""
+        filled = {k: v for k, v in self.defaults.items() if getattr(tc, k) is None}
+        tc = dataclasses.replace(tc, **filled)
+        for key, valid in (("select", self.metric_names), ("loss", self.losses), ("scheduler", SCHEDULERS)):
+            value = getattr(tc, key)
+            if value not in valid:
+                what = "a metric" if key == "select" else "valid"
+                raise ConfigError(f"train.{key} {value!r} is not {what} for task {self.name!r}; "
+                                  f"valid: {', '.join(valid)}")
+        return tc
+
+    def load(self, path: str | Path, model_cfg: Any, data_cfg: DataConfig | None = None) -> Any:
+        """Read and validate a data file; ``data_cfg`` may declare what the file must hold (classes)."""
         raise NotImplementedError
+
+    def load_for_checkpoint(self, path: str | Path, model_cfg: Any, info: dict[str, Any]) -> Any:
+        """Read a file for a trained model: the checkpoint's own mappings (classes, speakers) are used, never
+        re-derived from the file, and anything the model cannot read is refused."""
+        return self.load(path, model_cfg)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """``batch`` with every tensor on ``device`` (a no-op on the CPU)."""
+        if device.type == "cpu":
+            return batch
+        if isinstance(batch, dict):
+            return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()}
+        return batch.to(device, non_blocking=True)
 
     def info(self, data: Any) -> dict[str, Any]:
         """What a model needs to know about the data (dims, classes, speakers): stored in checkpoints."""
@@ -29,7 +68,7 @@ class Task:
     def loader(self, data: Any, split: str, batch_size: int, shuffle: bool) -> Iterable[Any]:
         raise NotImplementedError
 
-    def loss_fn(self, cfg: TrainConfig, data: Any) -> Any:
+    def loss_fn(self, cfg: TrainConfig, data: Any, device: torch.device | str = "cpu") -> Any:
         """A callable (outputs, batch) -> scalar loss (mean over the batch's samples)."""
         raise NotImplementedError
 

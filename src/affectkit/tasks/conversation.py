@@ -19,7 +19,7 @@ from affectkit.data.conversation import (
     load_conversations,
 )
 from affectkit.errors import ConfigError
-from affectkit.metrics import classification_metrics
+from affectkit.metrics import CLASSIFICATION_METRICS, classification_metrics
 from affectkit.tasks.base import Task
 
 
@@ -58,10 +58,20 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
 class ConversationTask(Task):
     name = "conversation"
     splits = ("train", "dev", "test")
-    default_select = "F1_weighted"
+    defaults = {"select": "F1_weighted", "loss": "ce", "scheduler": "plateau"}  # the CORECT recipe
+    losses = ("ce",)
+    metric_names = CLASSIFICATION_METRICS
 
-    def load(self, path: str | Path, model_cfg: Any) -> ConversationData:
-        return load_conversations(path, getattr(model_cfg, "modalities", None))
+    def load(self, path: str | Path, model_cfg: Any, data_cfg: Any = None) -> ConversationData:
+        classes = getattr(data_cfg, "classes", None)
+        return load_conversations(path, getattr(model_cfg, "modalities", None), classes=classes)
+
+    def load_for_checkpoint(self, path: str | Path, model_cfg: Any, info: dict[str, Any]) -> ConversationData:
+        data = load_conversations(path, getattr(model_cfg, "modalities", None), classes=info["label_names"],
+                                  speakers=info["speakers"])
+        if data.n_classes != int(info["n_classes"]):
+            raise ConfigError(f"{path}: {data.n_classes} classes, the checkpoint has {info['n_classes']}")
+        return data
 
     def info(self, data: ConversationData) -> dict[str, Any]:
         return {"dims": {m: int(data.dims[m]) for m in data.kept}, "n_classes": int(data.n_classes),
@@ -77,18 +87,19 @@ class ConversationTask(Task):
         loader.shuffle = shuffle
         return loader
 
-    def loss_fn(self, cfg: TrainConfig, data: ConversationData) -> Any:
+    def loss_fn(self, cfg: TrainConfig, data: ConversationData, device: torch.device | str = "cpu") -> Any:
         if cfg.loss != "ce":
             raise ConfigError(f"train.loss {cfg.loss!r} is not a classification loss; use ce")
         weight = None
         if cfg.class_weights:
             weight = inverse_frequency_weights(class_counts(data.splits["train"], data.n_classes))
+            weight = weight.to(device)
         crit = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_INDEX)
         return lambda logits, batch: crit(logits, batch.labels[batch.mask])
 
     def targets(self, outputs: torch.Tensor, batch: Any) -> tuple[np.ndarray, np.ndarray, int]:
         truth = batch.labels[batch.mask]
-        return outputs.argmax(-1).numpy(), truth.numpy(), int(truth.shape[0])
+        return outputs.argmax(-1).cpu().numpy(), truth.cpu().numpy(), int(truth.shape[0])
 
     def metrics(self, pred: np.ndarray, truth: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
         return classification_metrics(pred, truth, list(info["label_names"]))

@@ -12,7 +12,7 @@ from torch import nn
 from affectkit.config import TrainConfig
 from affectkit.data.mosi import MosiData, load_mosi, mosi_loader
 from affectkit.errors import ConfigError
-from affectkit.metrics import regression_metrics
+from affectkit.metrics import REGRESSION_METRICS, regression_metrics
 from affectkit.tasks.base import Task
 
 REGRESSION_LOSSES = ("mse", "l1", "huber")
@@ -31,9 +31,11 @@ def regression_loss(cfg: TrainConfig) -> nn.Module:
 class MosiTask(Task):
     name = "mosi"
     splits = ("train", "valid", "test")
-    default_select = "Corr"
+    defaults = {"select": "Corr", "loss": "mse", "scheduler": "cosine"}  # the lab recipe
+    losses = REGRESSION_LOSSES
+    metric_names = REGRESSION_METRICS
 
-    def load(self, path: str | Path, model_cfg: Any) -> MosiData:
+    def load(self, path: str | Path, model_cfg: Any, data_cfg: Any = None) -> MosiData:
         return load_mosi(path, getattr(model_cfg, "modalities", None))
 
     def info(self, data: MosiData) -> dict[str, Any]:
@@ -42,12 +44,12 @@ class MosiTask(Task):
     def loader(self, data: MosiData, split: str, batch_size: int, shuffle: bool) -> Any:
         return mosi_loader(data.splits[split], batch_size, shuffle)
 
-    def loss_fn(self, cfg: TrainConfig, data: MosiData) -> Any:
+    def loss_fn(self, cfg: TrainConfig, data: MosiData, device: torch.device | str = "cpu") -> Any:
         crit = regression_loss(cfg)
         return lambda outputs, batch: crit(outputs, batch["labels"])
 
     def targets(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, int]:
-        return outputs.detach().numpy(), batch["labels"].numpy(), int(batch["labels"].shape[0])
+        return outputs.detach().float().cpu().numpy(), batch["labels"].cpu().numpy(), int(batch["labels"].shape[0])
 
     def metrics(self, pred: np.ndarray, truth: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
         return regression_metrics(pred, truth)
