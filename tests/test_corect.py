@@ -11,7 +11,7 @@ import torch
 from affectkit.config import load_config
 from affectkit.data.conversation import collate_dialogues, load_conversations
 from affectkit.data.synthetic_conversation import write_synthetic_conversations
-from affectkit.errors import ConfigError
+from affectkit.errors import ConfigError, DataError
 from affectkit.models import build_model
 from affectkit.tasks.conversation import ConversationTask, inverse_frequency_weights
 from affectkit.train import train
@@ -107,7 +107,7 @@ def test_modality_missing_from_file_is_an_error(tmp_path):
             del d["audio"], d["visual"]
     path.write_bytes(pickle.dumps(raw))
     cfg = load_config("configs/corect_mosei2.yaml", [*SMALL, "train.epochs=1", f"out_dir={tmp_path}"])
-    with pytest.raises(Exception, match="audio"):
+    with pytest.raises(DataError, match="modality 'audio', 'visual' not in the file; it holds text"):
         train(cfg, data_path=path)
 
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
+from affectkit.data.conversation import SPLITS
 from affectkit.errors import DataError
 from affectkit.safe_pickle import safe_load
-
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DATASETS: tuple[str, ...] = ("iemocap", "iemocap4", "meld")
 
 #: IEMOCAP's usual abbreviations (happy, sad, neutral, angry, excited, frustrated), as the presets name them.
