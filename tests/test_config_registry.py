@@ -10,7 +10,6 @@ import yaml
 
 from affectkit.config import (
     RunConfig,
-    TrainConfig,
     apply_overrides,
     config_from_dict,
     dump_yaml,

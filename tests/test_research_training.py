@@ -142,7 +142,8 @@ def test_presets_compose_from_one_base() -> None:
     assert cfgs["meld"].data.classes == ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
     assert cfgs["mosei2"].data.classes == ["negative", "positive"]
     causal = load_config(_preset("corect_meld_causal.yaml"))
-    assert causal.model["causal"] is True and causal.model["wf"] == 0 and causal.data.classes == cfgs["meld"].data.classes
+    assert causal.model["causal"] is True and causal.model["wf"] == 0
+    assert causal.data.classes == cfgs["meld"].data.classes
 
 
 # ---------------------------------------------------------------------------------------- declared classes
@@ -205,7 +206,8 @@ def test_eval_uses_the_checkpoints_speaker_slots(trained: Path, tmp_path: Path, 
     assert load_conversations(path).speakers != info["speakers"]  # re-deriving would have shuffled slots
 
 
-def test_eval_unknown_speaker_is_one_line(trained: Path, tmp_path: Path, raw4: dict, capsys: pytest.CaptureFixture) -> None:
+def test_eval_unknown_speaker_is_one_line(trained: Path, tmp_path: Path, raw4: dict,
+                                          capsys: pytest.CaptureFixture) -> None:
     raw4["test"][0]["speakers"][1] = "Z"
     del raw4["speakers"]
     path = _write(tmp_path, raw4)
