@@ -5,7 +5,8 @@ selection of the epoch on a validation metric (never the test split), optionally
 (``train.patience``); the best weights are reloaded and the test split is evaluated once.  The task supplies
 what the config leaves unset (``select``, ``loss``, ``scheduler``).  The model and every batch live on
 ``train.device`` (``auto`` picks cuda, then mps, then the CPU); checkpoints always hold CPU tensors.
-Each run writes a folder: ``config.yaml``, ``metrics.json``, ``best.pt`` and TensorBoard events (losses, every scalar metric per epoch, the model graph).
+Each run writes a folder: ``config.yaml``, ``metrics.json``, ``best.pt`` and TensorBoard events (losses,
+every scalar metric per epoch, the model graph).
 """
 
 from __future__ import annotations
