@@ -486,7 +486,8 @@ def _features(s: Service, utt: Utterance) -> dict[str, np.ndarray] | dict[str, A
         v = np.asarray(given[m], dtype=np.float64)
         if v.shape != (s.dims[m],):
             return _error("invalid", f"features.{m} has {v.size} numbers; this model needs {s.dims[m]}", utt.id)
-        v32 = v.astype(np.float32)
+        with np.errstate(over="ignore"):
+            v32 = v.astype(np.float32)
         if not np.isfinite(v32).all():
             return _error("invalid", f"features.{m} holds values that are not finite in float32", utt.id)
         out[m] = v32
