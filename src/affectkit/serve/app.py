@@ -371,6 +371,10 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
     def index() -> FileResponse:
         return FileResponse(WEB / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     return app
 

@@ -6,6 +6,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const PALETTE = ["#e6a700", "#3b6fd8", "#8a8a8a", "#d43d3d", "#2aa876", "#8d4bd6", "#e377c2", "#17becf"];
   let ws = null, labels = [], session = null;
+  let count = 0;
   const pending = [];  // texts sent, awaiting their answer (answers come in order)
   const series = new Map();  // speaker -> [{position, probs}]
 
@@ -117,10 +118,13 @@
       const m = JSON.parse(ev.data);
       if (m.type === "ready") {
         $("send").disabled = false;
-        setState("ready", `session ${id}: ${m.position} utterances, ${m.labels.length} emotions`);
+        count = m.position;
+        setState("ready", `session ${id}: ${count} utterances, ${m.labels.length} emotions`);
       } else if (m.type === "prediction") {
         showError("");
         addRow({ ...m, text: pending.shift() });
+        count = m.position + 1;
+        $("status").textContent = `session ${id}: ${count} utterances, ${labels.length} emotions`;
       } else if (m.type === "error") {
         pending.shift();
         showError(m.error + ": " + m.detail);
