@@ -32,7 +32,8 @@ def data_root() -> Path:
     return Path(env) if env else ROOT.parent / "shared" / "data"
 
 
-def train_text_checkpoint(root: Path, dim: int, data: Path | None = None) -> Path:
+def train_text_checkpoint(root: Path, dim: int, data: Path | None = None,
+                          preset: str = "corect_iemocap4_causal") -> Path:
     """A causal text-only CORECT (tiny, one epoch) trained by the one trainer; on ``data`` if given, else
     on a synthetic IEMOCAP-4 file with ``dim``-d text features.  Returns the best.pt path."""
     if data is None:
@@ -44,7 +45,7 @@ def train_text_checkpoint(root: Path, dim: int, data: Path | None = None) -> Pat
                 d["text"] = d["text"][:, :dim].copy()
                 del d["audio"], d["visual"]
         data.write_bytes(pickle.dumps(raw))
-    cfg = load_config(ROOT / "configs" / "corect_iemocap4_causal.yaml", [
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [
         "model.modalities=[text]", "model.hidden=16", "model.text_ff=32", "model.text_layers=1",
         "model.graph_heads=2", "train.epochs=1", "train.progress=false", "train.tensorboard=false",
         f"out_dir={root / 'runs'}"])
