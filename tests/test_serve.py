@@ -438,3 +438,20 @@ def test_fuzzed_frames_never_crash_or_change_a_session(model):
             assert probe["type"] == "prediction" and probe["position"] == state["n"]
         assert c.get("/healthz").status_code == 200
         assert len(c.get(f"/v1/sessions/{sid}", params={"token": tok}).json()["utterances"]) == state["n"] + 1
+
+
+def test_cli_serve_refuses_bad_input_in_one_line(model, tmp_path, capsys):
+    from affectkit.checkpoint import save_checkpoint
+    from affectkit.cli import main
+    from affectkit.config import config_from_dict
+
+    assert main(["serve", str(tmp_path / "none.pt")]) == 2
+    assert "none.pt: checkpoint not found" in capsys.readouterr().err
+    torch.manual_seed(0)
+    offline = build_model("corect", {**SMALL, "causal": False, "wf": 2}, INFO)
+    cfg = config_from_dict({"name": "x", "data": {"task": "conversation"},
+                            "model": {"name": "corect", **{**SMALL, "causal": False, "wf": 2}}})
+    save_checkpoint(tmp_path / "offline.pt", cfg, INFO, offline)
+    assert main(["serve", str(tmp_path / "offline.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("affectkit: error:") and "not a causal model" in err and len(err.splitlines()) == 1
