@@ -55,11 +55,12 @@ def make_checkpoint(folder: Path) -> Path:
 
 
 class Server:
-    def __init__(self, checkpoint: Path, store: Path, max_batch: int) -> None:
+    def __init__(self, checkpoint: Path, store: Path, max_batch: int, threads: int | None) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        extra = ["--threads", str(threads)] if threads else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
-             str(store), "--max-batch", str(max_batch)], stdout=subprocess.PIPE, text=True, env=env)
+             str(store), "--max-batch", str(max_batch), *extra], stdout=subprocess.PIPE, text=True, env=env)
         ready, _, _ = select.select([self.proc.stdout], [], [], 300)
         m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
         if not m:
@@ -161,8 +162,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=2.0, help="utterances per second per session (part 1)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of part 1")
     p.add_argument("--step-duration", type=float, default=10.0, help="seconds per step of part 2")
-    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 3, 4, 5, 6, 8, 10, 12, 16])
+    p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12])
     p.add_argument("--p99-ms", type=float, default=250.0)
+    p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -170,7 +172,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
         for batch in (32, 1):
-            server = Server(ckpt, Path(tmp) / f"store{batch}.db", batch)
+            server = Server(ckpt, Path(tmp) / f"store{batch}.db", batch, args.threads)
             name = "batched" if batch > 1 else "unbatched"
             try:
                 asyncio.run(load(server.url, 4, 2, 2))  # warm up

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("websockets")
 from serve_support import ServerProcess, train_text_checkpoint  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from affectkit.checkpoint import load_model  # noqa: E402
@@ -102,6 +102,10 @@ def test_kill_9_under_load_then_resume_exactly(checkpoint, tmp_path):
     server = ServerProcess(checkpoint, store)
     try:
         ws_base = server.url.replace("http://", "ws://")
+        a, b = sessions[:2]  # over the real server too: another session's token is refused with 403
+        with pytest.raises(InvalidStatus) as denied:
+            connect(f"{ws_base}/v1/sessions/{a['id']}/stream?token={b['token']}", open_timeout=30)
+        assert denied.value.response.status_code == 403
         for s, conv, w in zip(sessions, convs, want):
             import httpx
 

@@ -94,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from affectkit.serve.run import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, store=args.store, max_batch=args.max_batch,
-          max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict)
+          max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
+          threads=args.threads)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256,
                    help="waiting utterances beyond which new ones are refused as 'overloaded'")
     s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("study", help="run a study (variants x seeds) and summarise it against its baseline")

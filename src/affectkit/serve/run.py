@@ -29,8 +29,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          store: str | Path = "affectkit-sessions.db", **settings: float) -> None:
-    """Load ``checkpoint``, open ``store`` and serve until interrupted; prints ``serving on URL``."""
+          store: str | Path = "affectkit-sessions.db", threads: int | None = None, **settings: float) -> None:
+    """Load ``checkpoint``, open ``store`` and serve until interrupted; prints ``serving on URL``.
+    ``threads``: torch intra-op threads (None: torch's default)."""
     try:
         import uvicorn
     except ImportError:
@@ -38,6 +39,12 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if not Path(checkpoint).is_file():
         raise ConfigError(f"{checkpoint}: checkpoint not found")
     cfg = ServeSettings(**{k: type(getattr(ServeSettings, k))(v) for k, v in settings.items()})
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     from affectkit.checkpoint import load_model
     from affectkit.serve.store import Store
     from affectkit.stream import Stream
