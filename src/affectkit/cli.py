@@ -90,6 +90,15 @@ def cmd_stream(args: argparse.Namespace) -> None:
     run_lines(session, input_lines(args.input))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a causal checkpoint over HTTP + WebSocket (affectkit.serve); binds 127.0.0.1 by default."""
+    from affectkit.serve.run import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, store=args.store, max_batch=args.max_batch,
+          max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
+          threads=args.threads)
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     """Run a study (variants x seeds, resumable), then write results.csv, summary.md and plots."""
     from affectkit.studies import run_study
@@ -149,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a causal, text-only CORECT checkpoint (best.pt)")
     s.add_argument("--input", help="read lines from this file instead of stdin")
     s.set_defaults(func=cmd_stream)
+
+    s = sub.add_parser("serve", help="live emotion service: WebSocket API + browser view (causal checkpoint)")
+    s.add_argument("checkpoint", help="a causal CORECT checkpoint (best.pt)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
+    s.add_argument("--store", default="affectkit-sessions.db", help="SQLite log of sessions (default %(default)s)")
+    s.add_argument("--max-batch", type=int, default=32, help="utterances per batch; 1 turns batching off")
+    s.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait this long to fill a batch")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="waiting utterances beyond which new ones are refused as 'overloaded'")
+    s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
+    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("study", help="run a study (variants x seeds) and summarise it against its baseline")
     s.add_argument("config", help="study file, e.g. configs/studies/ablations.yaml")

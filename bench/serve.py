@@ -1,0 +1,201 @@
+"""Load test of ``affectkit serve``: N concurrent WebSocket sessions on localhost, each sending raw
+sentences at a fixed rate (open loop: sends are scheduled, not paced by answers), bounded in count and
+duration; prints p50/p99 latency, throughput, errors and lost utterances.
+
+Two parts, one run:
+1. the target load (default 32 sessions x 2 utterances/s x 60 s) on the batching server;
+2. the maximum sustained throughput (p99 < 250 ms, no errors, nothing lost) with cross-session batching
+   (``--max-batch 32``) and without (``--max-batch 1``): the per-session rate steps up until a step fails.
+
+The model is the text-only causal preset (``configs/corect_iemocap6_causal.yaml`` with
+``model.modalities=[text]``, 384-d sentence-encoder features), randomly initialised: speed does not
+depend on the weights.  Each server is a child process (``affectkit serve --port 0``) stopped at the end.
+
+    python bench/serve.py                      # the full run (about 4 minutes)
+    python bench/serve.py --duration 5 --step-duration 3 --rates 2 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("well I really think that we should talk about what happened yesterday at the office because it "
+         "was not fair to anyone and you know it so please just listen to me for a minute okay").split()
+
+
+def make_checkpoint(folder: Path) -> Path:
+    import torch
+
+    from affectkit.checkpoint import save_checkpoint
+    from affectkit.config import load_config
+    from affectkit.models import build_model
+
+    cfg = load_config(ROOT / "configs" / "corect_iemocap6_causal.yaml", ["model.modalities=[text]"])
+    info = {"dims": {"text": 384}, "n_classes": 6, "label_names": ["hap", "sad", "neu", "ang", "exc", "fru"],
+            "n_speakers": 2, "speakers": ["F", "M"]}
+    torch.manual_seed(0)
+    model = build_model(cfg.model_name, cfg.model_params, info)
+    path = folder / "causal_text.pt"
+    save_checkpoint(path, cfg, info, model)
+    return path
+
+
+class Server:
+    def __init__(self, checkpoint: Path, store: Path, max_batch: int, threads: int | None) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        extra = ["--threads", str(threads)] if threads else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
+             str(store), "--max-batch", str(max_batch), *extra], stdout=subprocess.PIPE, text=True, env=env)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
+        m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
+        if not m:
+            self.stop()
+            raise SystemExit("the server did not start")
+        self.url = m.group(1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def sentence(rng: random.Random) -> str:
+    start = rng.randrange(len(WORDS) - 4)
+    return " ".join(WORDS[start:start + rng.randint(3, 25)])
+
+
+async def session(url: str, rate: float, duration: float, seed: int, out: dict) -> None:
+    import httpx
+    from websockets.asyncio.client import connect
+
+    rng = random.Random(seed)
+    sent: dict[int, float] = {}
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            s = (await http.post(url + "/v1/sessions")).json()
+        async with connect(url.replace("http://", "ws://") + s["stream"],
+                           additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
+            json.loads(await ws.recv())
+
+            async def receive() -> None:
+                async for raw in ws:
+                    a = json.loads(raw)
+                    if a.get("type") == "error":
+                        out["errors"].append(a.get("error"))
+                        sent.pop(a.get("id"), None)
+                    else:
+                        out["latency"].append(time.perf_counter() - sent.pop(a["id"]))
+                    if not sent and out["done_sending"] >= out["sessions"]:
+                        return
+
+            reader = asyncio.create_task(receive())
+            start = time.perf_counter() + rng.random() / rate  # spread the sessions' phases
+            n = int(duration * rate)
+            for k in range(n):
+                await asyncio.sleep(max(0.0, start + k / rate - time.perf_counter()))
+                sent[k] = time.perf_counter()
+                out["sent"] += 1
+                await ws.send(json.dumps({"speaker": ["ana", "ben"][rng.random() < 0.4], "text": sentence(rng),
+                                          "id": k}))
+            out["done_sending"] += 1
+            try:
+                await asyncio.wait_for(reader, timeout=10)  # drain: what is still unanswered then is lost
+            except asyncio.TimeoutError:
+                reader.cancel()
+    except Exception as exc:  # noqa: BLE001 - a failed connection counts as an error, the run goes on
+        out["errors"].append(type(exc).__name__)
+    out["lost"] += len(sent)
+
+
+async def load(url: str, sessions: int, rate: float, duration: float) -> dict:
+    out = {"latency": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0, "sessions": sessions}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(session(url, rate, duration, k, out) for k in range(sessions)))
+    lat = np.array(out["latency"]) * 1000
+    return {"sessions": sessions, "rate": rate, "offered": sessions * rate, "sent": out["sent"],
+            "answered": len(lat), "throughput": len(lat) / duration, "wall": time.perf_counter() - t0,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "errors": len(out["errors"]), "error_kinds": sorted(set(out["errors"])), "lost": out["lost"]}
+
+
+def show(name: str, r: dict) -> None:
+    print(f"{name:<28} {r['sessions']:>3} x {r['rate']:>4g}/s  offered {r['offered']:>6.1f}/s  "
+          f"answered {r['throughput']:>6.1f}/s  p50 {r['p50_ms']:>7.1f} ms  p99 {r['p99_ms']:>7.1f} ms  "
+          f"errors {r['errors']} {','.join(r['error_kinds'])}  lost {r['lost']}", flush=True)
+
+
+def max_sustained(url: str, sessions: int, rates: list[float], step: float, p99_ms: float, name: str) -> dict | None:
+    best = None
+    for rate in rates:
+        r = asyncio.run(load(url, sessions, rate, step))
+        ok = r["p99_ms"] < p99_ms and r["errors"] == 0 and r["lost"] == 0
+        show(f"{name} {'ok' if ok else 'FAIL'}", r)
+        if not ok:
+            break
+        best = r
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a causal text checkpoint (default: the preset, random weights)")
+    p.add_argument("--sessions", type=int, default=32)
+    p.add_argument("--rate", type=float, default=2.0, help="utterances per second per session (part 1)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of part 1")
+    p.add_argument("--step-duration", type=float, default=10.0, help="seconds per step of part 2")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12])
+    p.add_argument("--p99-ms", type=float, default=250.0)
+    p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    results: dict = {"load_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
+        for batch in (32, 1):
+            server = Server(ckpt, Path(tmp) / f"store{batch}.db", batch, args.threads)
+            name = "batched" if batch > 1 else "unbatched"
+            try:
+                asyncio.run(load(server.url, 4, 2, 2))  # warm up
+                if batch > 1:
+                    r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+                    show("target (batched)", r)
+                    results["target"] = r
+                results[name] = max_sustained(server.url, args.sessions, args.rates, args.step_duration,
+                                              args.p99_ms, name)
+            finally:
+                server.stop()
+    b, u = results.get("batched"), results.get("unbatched")
+    if b and u:
+        print(f"max sustained throughput at p99 < {args.p99_ms:g} ms: batched {b['throughput']:.1f}/s, "
+              f"unbatched {u['throughput']:.1f}/s, ratio {b['throughput'] / u['throughput']:.2f}x")
+    else:
+        print(f"max sustained throughput at p99 < {args.p99_ms:g} ms: batched "
+              f"{b['throughput'] if b else 'none'}, unbatched {u['throughput'] if u else 'none'}")
+    results["load_after"] = os.getloadavg()
+    print(f"load average after: {results['load_after']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Cross-session micro-batching: callers submit one item each; one worker takes what is queued (up to
+``max_batch``, waiting at most ``max_wait_ms`` for more), runs the batch function off the event loop in
+a single thread, and resolves each caller's future with its own result (or the batch's exception).
+
+The queue is bounded: :meth:`Batcher.submit` raises :class:`Overloaded` at once when it is full, so
+overload is answered, never buffered without end.  Items whose caller went away (cancelled future)
+are dropped before the batch runs.  ``max_batch=1`` turns batching off (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+from affectkit.errors import AffectkitError, ConfigError
+
+__all__ = ["Batcher", "Overloaded"]
+
+T = TypeVar("T")
+
+
+class Overloaded(AffectkitError):
+    """The queue is full: the caller should retry later."""
+
+
+class Batcher(Generic[T]):
+    """``fn(items) -> results`` (one result per item, an Exception instance for a failed item) runs on
+    ``executor`` (default: a private single-thread pool, which then owns the model and the store's
+    writes).  ``on_batch(size, seconds)`` is called after each batch (metrics)."""
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[Any]], max_batch: int = 32, max_wait_ms: float = 2.0,
+                 max_queue: int = 256, executor: ThreadPoolExecutor | None = None,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; got "
+                              f"{max_batch}, {max_queue}, {max_wait_ms}")
+        self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="affectkit-infer")
+        self._own_executor = executor is None
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not counting the batch being run)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._queue = asyncio.Queue(self.max_queue)
+        self._task = asyncio.get_running_loop().create_task(self._work(), name="affectkit-batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; waiting callers get a cancelled future."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue is not None and not self._queue.empty():
+            self._queue.get_nowait()[1].cancel()
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+    async def submit(self, item: T) -> Any:
+        """The item's result; raises :class:`Overloaded` at once when the queue is full, or the item's
+        (or its batch's) exception."""
+        if self._queue is None or not self.running:
+            raise Overloaded("the service is not running")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((item, fut))
+        except asyncio.QueueFull:
+            raise Overloaded(f"queue full ({self.max_queue} utterances waiting)") from None
+        return await fut
+
+    def run_sync(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` on the worker thread (serialised with the batches), as an awaitable."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        queue, loop = self._queue, asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            live = [(item, fut) for item, fut in batch if not fut.done()]
+            if not live:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                results = [exc] * len(live)
+            if self.on_batch is not None:
+                self.on_batch(len(live), time.perf_counter() - start)
+            for (_, fut), res in zip(live, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)

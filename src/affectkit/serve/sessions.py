@@ -1,0 +1,178 @@
+"""The live sessions of the service: one :class:`~affectkit.stream.Stream` per session, kept in memory
+while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by
+replaying it through the same engine, so a rebuilt session answers exactly as one that never left.
+
+Every method runs on the batcher's single worker thread (the one owner of model state and of the
+store's writes), so nothing here needs a lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from affectkit.errors import AffectkitError, DataError
+from affectkit.serve.store import Record, Store
+from affectkit.stream import Prediction, Stream
+
+__all__ = ["Item", "Live", "SessionPool", "TooManySpeakers", "UnknownSession", "speaker_tag"]
+
+
+class TooManySpeakers(DataError):
+    """A new participant name beyond the model's speaker slots."""
+
+
+class UnknownSession(AffectkitError):
+    """The session was deleted (or never existed)."""
+
+
+def speaker_tag(names: Sequence[str], name: str, tags: Sequence[Any]) -> tuple[Any, bool]:
+    """The engine's speaker tag for participant ``name`` in a session whose participants so far are
+    ``names`` (in order of first appearance): the i-th participant gets ``tags[i]``, the model's i-th
+    speaker slot.  Returns ``(tag, is_new)``; :class:`TooManySpeakers` past the last slot.  (The one
+    place that maps names to slots: switch it to the engine's own mapping when that lands.)"""
+    if name in names:
+        return tags[names.index(name)], False
+    if len(names) >= len(tags):
+        raise TooManySpeakers(f"too many speakers: this model tells {len(tags)} apart and the session "
+                              f"already has {', '.join(map(repr, names))}")
+    return tags[len(names)], True
+
+
+@dataclass
+class Item:
+    """One utterance to classify: ``text`` (raw sentence, embedded in the batch) and/or ``features``
+    (modality -> float32 vector), ``received`` (perf_counter when the frame arrived)."""
+
+    session: str
+    speaker: str
+    text: str | None
+    features: dict[str, np.ndarray]
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Live:
+    stream: Stream
+    speakers: list[str]
+    used: float
+
+
+class SessionPool:
+    """Live sessions over one shared engine (``base``, an empty :class:`Stream`), backed by ``store``.
+
+    ``tags``: the model's speaker tags in slot order; ``embed``: sentences -> (N, D) text features;
+    ``idle_s``: evict a session unused that long; ``max_live``: evict the least recently used beyond.
+    """
+
+    def __init__(self, base: Stream, store: Store, tags: Sequence[Any],
+                 embed: Callable[[list[str]], Any] | None, idle_s: float = 600.0, max_live: int = 1024) -> None:
+        self.base, self.store, self.tags, self.embed = base, store, list(tags), embed
+        self.idle_s, self.max_live = idle_s, max_live
+        self.live: OrderedDict[str, Live] = OrderedDict()
+        self.rebuilt = 0
+
+    # -- state
+
+    def get(self, session_id: str) -> Live:
+        """The live session, rebuilt from the log if it is not in memory."""
+        live = self.live.get(session_id)
+        if live is None:
+            if self.store.session(session_id) is None:
+                raise UnknownSession(f"session {session_id} does not exist (deleted?)")
+            live = self._replay(session_id)
+            self.live[session_id] = live
+            self.rebuilt += 1
+            self._cap()
+        self.live.move_to_end(session_id)
+        live.used = time.monotonic()
+        return live
+
+    def _replay(self, session_id: str) -> Live:
+        live = Live(self.base.new_session(), [], time.monotonic())
+        for rec in self.store.records(session_id):
+            tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
+            live.stream.push(tag, **rec.features)
+            if new:
+                live.speakers.append(rec.speaker)
+        return live
+
+    def drop(self, session_id: str) -> None:
+        self.live.pop(session_id, None)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Evict sessions idle for ``idle_s`` or more; returns how many."""
+        now = time.monotonic() if now is None else now
+        old = [k for k, v in self.live.items() if now - v.used >= self.idle_s]
+        for k in old:
+            del self.live[k]
+        return len(old)
+
+    def _cap(self) -> None:
+        while len(self.live) > self.max_live:
+            self.live.popitem(last=False)
+
+    def position(self, session_id: str) -> tuple[int, list[str]]:
+        """(next position, participants) of a session, rebuilding it if needed."""
+        live = self.get(session_id)
+        return len(live.stream), list(live.speakers)
+
+    # -- the batch step
+
+    def step(self, items: list[Item]) -> list[tuple[Prediction, Record] | Exception]:
+        """Classify a batch: one encoder call for every raw sentence in it, then each utterance pushed
+        into its session in arrival order; then every success is written to the store in one
+        transaction before anything is returned.  A failed item gets its exception and changes no state;
+        if the write fails, the touched sessions are dropped from memory (they rebuild from the log)."""
+        out: list[Any] = [None] * len(items)
+        texts = [i for i, it in enumerate(items) if it.text is not None]
+        vectors: dict[int, np.ndarray] = {}
+        if texts:
+            if self.embed is None:
+                err = DataError("this model cannot embed raw text; send features")
+                for i in texts:
+                    out[i] = err
+            else:
+                try:
+                    emb = np.asarray(self.embed([items[i].text for i in texts]), dtype=np.float32)
+                    vectors = dict(zip(texts, emb))
+                except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
+                    for i in texts:
+                        out[i] = exc
+        records: list[Record] = []
+        touched: list[str] = []
+        for i, it in enumerate(items):
+            if out[i] is not None:
+                continue
+            try:
+                live = self.get(it.session)
+                feats = dict(it.features)
+                if i in vectors:
+                    feats["text"] = vectors[i]
+                tag, new = speaker_tag(live.speakers, it.speaker, self.tags)
+                pred = live.stream.push(tag, **feats)
+            except (AffectkitError, ValueError) as exc:
+                out[i] = exc
+                continue
+            if new:
+                live.speakers.append(it.speaker)
+            latency = (time.perf_counter() - it.received) * 1000
+            rec = Record(it.session, pred.position, it.speaker, it.text,
+                         {m: np.asarray(feats[m], dtype=np.float32) for m in self.base.modalities},
+                         pred.label, pred.probs, latency)
+            records.append(rec)
+            touched.append(it.session)
+            out[i] = (pred, rec)
+        if records:
+            try:
+                self.store.append(records)
+            except Exception as exc:  # noqa: BLE001 - nothing was acknowledged: forget, rebuild from the log
+                for s in set(touched):
+                    self.drop(s)
+                return [exc if isinstance(o, tuple) else o for o in out]
+        return out
