@@ -24,7 +24,8 @@ from affectkit.data.conversation import Dialogue, collate_dialogues
 from affectkit.data.synthetic_conversation import write_synthetic_conversations
 from affectkit.errors import AffectkitError, ConfigError, DataError
 from affectkit.models import build_model
-from affectkit.stream import Prediction, Stream, StreamModel, run_lines
+from affectkit.cli import run_lines
+from affectkit.stream import Prediction, Stream, StreamModel
 from affectkit.train import train
 
 DIMS = {"text": 10, "audio": 6, "visual": 8}
@@ -97,26 +98,28 @@ def test_prediction_fields_and_probabilities():
         np.testing.assert_allclose(p.probs, want[t].numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("params", [{}, {"pcm_layers": 1, "pcm_self_layers": 3, "modalities": ["text", "visual"]}])
-def test_plain_layer_paths_equal_the_fast_paths(params):
-    """The shortcuts (RGCN at the newest nodes only, P-CM stacks batched per depth) equal running the
-    model's own layers one by one (PyG's RGCNConv on the window subgraph, each P-CM layer alone)."""
-    model = _model(wp=3, **params)
-    d = _dialogue(np.random.default_rng(2), 12)
-    fast, plain = StreamModel((model, INFO)), StreamModel((model, INFO))
-    assert fast.fast_rgcn and fast.pcm_groups is not None
-    plain.fast_rgcn, plain.pcm_groups = False, None
-    torch.testing.assert_close(_streamed(Stream(fast), d), _streamed(Stream(plain), d), atol=ATOL, rtol=0)
-
-
-def test_new_weights_are_picked_up():
-    """Changing the model's weights in place (load_state_dict) after the engine was built is not ignored."""
-    model = _model(seed=0)
-    d = _dialogue(np.random.default_rng(8), 6)
+@pytest.mark.parametrize("how", ["load_state_dict", "data", "optimizer"])
+def test_weights_changed_in_place_are_picked_up(how):
+    """The stream runs the model's own modules: after an in-place weight change (``.data`` included, on
+    every layer kind the stream steps) it still equals the batch model, with no rebuild of the engine."""
+    model = _model(seed=0, context=3)
+    d = _dialogue(np.random.default_rng(8), 11)
     engine = StreamModel((model, INFO))
-    _streamed(Stream(engine), d)
-    model.load_state_dict(_model(seed=1).state_dict())
-    torch.testing.assert_close(_streamed(Stream(engine), d), _batch_logits(model, [d])[0], atol=ATOL, rtol=0)
+    session = Stream(engine)
+    for t in range(5):
+        session.push(**_kwargs(d, t))
+    if how == "load_state_dict":
+        model.load_state_dict(_model(seed=1, context=3).state_dict())
+    elif how == "data":
+        for p in model.parameters():
+            p.data.mul_(1.5).add_(0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        model(collate_dialogues([d], MODS)).sum().backward()
+        opt.step()
+    want = _batch_logits(model, [d])[0]
+    torch.testing.assert_close(_streamed(Stream(engine), d), want, atol=ATOL, rtol=0)
+    assert (want - _batch_logits(_model(seed=0, context=3), [d])[0]).abs().max() > 1e-3  # it did change
 
 
 def test_interleaved_sessions_are_independent():
