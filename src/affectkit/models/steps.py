@@ -129,9 +129,10 @@ class Ring:
         out = Ring(0, first.window, cap if first.fixed else None, first.slot_pos.device)
         out.slot_pos = torch.cat([torch.nn.functional.pad(r.slot_pos, (0, cap - r.capacity), value=_EMPTY)
                                   for r in rings])
-        keys = [k for k in first.rows if all(k in r.rows for r in rings)]
-        for key in keys:
-            out.rows[key] = torch.cat([_pad_rows(r.rows[key], cap) for r in rings])
+        for key in dict.fromkeys(k for r in rings for k in r.rows):  # a fresh session has no rows yet
+            like = next(r.rows[key] for r in rings if key in r.rows)
+            out.rows[key] = torch.cat([_pad_rows(r.rows[key], cap) if key in r.rows else
+                                       like.new_zeros((r.slot_pos.shape[0], cap, *like.shape[2:])) for r in rings])
         return out
 
     def take(self, index: int, capacity: int) -> Ring:
