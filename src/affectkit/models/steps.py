@@ -53,8 +53,10 @@ class Ring:
         cap = capacity if capacity is not None else 16
         self.slot_pos = torch.full((batch, cap), _EMPTY, dtype=torch.long, device=device)
         self.rows: dict[str, torch.Tensor] = {}
-        self.slot: torch.Tensor | None = None
-        self.visible: torch.Tensor | None = None
+        self.slot: torch.Tensor | None = None  # set by begin(): this step's slot per session, ...
+        self.visible: torch.Tensor | None = None  # ... the slots it reads (B, capacity) ...
+        self._where: tuple[torch.Tensor, torch.Tensor] = (self.slot_pos, self.slot_pos)  # ... and their index
+        self._mask: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -72,9 +74,10 @@ class Ring:
                 self._resize(_grown(self.capacity, top))
         batch = torch.arange(pos.shape[0], device=pos.device)
         self.slot = pos % self.capacity
-        self.slot_pos[batch, self.slot] = pos
-        visible = in_window(pos[:, None], self.slot_pos, self.window) & (self.slot_pos >= 0)
-        self.visible = visible
+        self._where = (batch, self.slot)
+        self.slot_pos.index_put_(self._where, pos)
+        self.visible = in_window(pos[:, None], self.slot_pos, self.window) & (self.slot_pos >= 0)
+        self._mask = None if bool(self.visible.all()) else self.visible[:, None, None, :]
 
     def _resize(self, capacity: int) -> None:
         old = self.capacity
@@ -88,14 +91,11 @@ class Ring:
         buf = self.rows.get(key)
         if buf is None:
             buf = self.rows[key] = rows.new_zeros((rows.shape[0], self.capacity, *rows.shape[1:]))
-        assert self.slot is not None, "Ring.begin() first"
-        buf[torch.arange(rows.shape[0], device=rows.device), self.slot] = rows
-        return buf
+        return buf.index_put_(self._where, rows)
 
     def mask(self) -> torch.Tensor | None:
         """Attention mask (B, 1, 1, capacity) of the slots this step reads; None when it reads them all."""
-        assert self.visible is not None, "Ring.begin() first"
-        return None if bool(self.visible.all()) else self.visible[:, None, None, :]
+        return self._mask
 
     def window_rows(self, key: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The visible rows of ``key`` in position order, sessions packed one after another (sum w, D),
