@@ -150,6 +150,8 @@ def test_causal_presets_are_the_offline_recipe_made_causal(preset):
     offline = load_config(f"configs/{preset}.yaml")
     assert causal.name == f"{preset}_causal"
     assert causal.model["causal"] is True and causal.model["wf"] == 0
-    assert {**causal.model, "causal": False, "wf": offline.model["wf"]} == offline.model
+    live = {"causal": False, "wf": offline.model["wf"], "context": None, "speaker_mode": "tags"}
+    assert {**causal.model, **live} == {**offline.model, "context": None, "speaker_mode": "tags"}
+    assert causal.model["context"] == 32 and causal.model["speaker_mode"] == "per_dialogue"  # for live use
     assert causal.train == offline.train and causal.data == offline.data
     model_config(causal.model_name, causal.model_params)  # validates

@@ -365,7 +365,7 @@ def test_cli_stream_reads_lines_and_survives_bad_ones(text_checkpoint, tmp_path,
     errors = err.strip().splitlines()
     assert len(errors) == 3
     assert errors[0].startswith("line 2: error: expected 'speaker<TAB>sentence'")
-    assert errors[1].startswith("line 5: error: unknown speaker 'Q'")
+    assert errors[1].startswith("line 5: error: speaker 'Q' would be the session's speaker number 3")
     assert errors[2].startswith("line 6: error: sentence must be a non-empty str")
 
 
