@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import affectkit.stream as stream_mod
 from affectkit.checkpoint import save_checkpoint
@@ -573,3 +575,30 @@ def test_push_batch_refuses_bad_input_without_changing_any_session():
     with pytest.raises(DataError, match="distinct"):
         stream_mod.push_batch([a, a], [_kwargs(d, 0)] * 2)
     assert len(a) == len(b) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(context=st.sampled_from([None, 1, 2, 3, 6]), wp=st.integers(0, 4), max_rewind=st.integers(0, 3),
+       n=st.integers(1, 26), seed=st.integers(0, 2**16), ops=st.lists(st.integers(0, 4), min_size=26, max_size=26))
+def test_any_window_any_rewinds_equal_the_batch_model(context, wp, max_rewind, n, seed, ops):
+    """Random windows, graph windows and spare slots; between pushes, random detours (pushes of other
+    utterances, then a rewind back, refused exactly when it would need forgotten rows)."""
+    model = _model(seed=seed % 3, context=context, wp=wp, hidden=4, text_ff=8, graph_heads=1)
+    rng = np.random.default_rng(seed)
+    d, junk = _dialogue(rng, n), _dialogue(rng, n + 8)
+    session = Stream((model, INFO), max_rewind=max_rewind)
+    got = []
+    for t in range(n):
+        detour = ops[t]
+        for k in range(detour):
+            session.push(**_kwargs(junk, t + k))
+        if detour:
+            try:
+                session.rewind(t)
+            except DataError:
+                assert detour > max_rewind + 1  # refused only beyond the spare slots
+                session.reset()
+                for k in range(t):
+                    session.push(**_kwargs(d, k))
+        got.append(session.push(**_kwargs(d, t)).logits)
+    torch.testing.assert_close(torch.tensor(got), _batch_logits(model, [d])[0], atol=ATOL, rtol=0)
