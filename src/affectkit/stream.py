@@ -286,7 +286,7 @@ class Stream:
         """``per_dialogue`` models: the session's speaker names and the slots they were given."""
         return {k: v[0] for k, v in self._names.items()}
 
-    def slot(self, speaker: Any) -> int:
+    def speaker_slot(self, speaker: Any) -> int:
         """The speaker embedding row of ``speaker`` for the next push (not recorded until it succeeds)."""
         eng = self.engine
         if not eng.per_dialogue:
@@ -327,7 +327,7 @@ class Stream:
         (the ``[text]`` extra) that built the training features."""
         eng = self.engine
         eng.check_text_encoder()
-        self.slot(speaker)  # cheap checks before the encoder runs
+        self.speaker_slot(speaker)  # cheap checks before the encoder runs
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"sentence must be a non-empty str, got {sentence!r:.60}")
         return self.push(speaker, text=eng.embed_sentences([sentence])[0], audio=audio, visual=visual)
@@ -351,7 +351,7 @@ def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any
             extra = set(u) - {"speaker", "text", "audio", "visual"}
             if extra or "speaker" not in u:
                 raise DataError(f"an utterance needs 'speaker' (and features); got keys {sorted(u)}")
-            slots.append(session.slot(u["speaker"]))
+            slots.append(session.speaker_slot(u["speaker"]))
             feats.append(eng.features(u.get("text"), u.get("audio"), u.get("visual")))
             session._check_room()
         except DataError as exc:
