@@ -32,10 +32,11 @@ ATOL = 1e-5
 
 @cache
 def _model(causal: bool = True, wp: int = 3, wf: int = 0, modalities: tuple[str, ...] = MODS,
-           use_gnn: bool = True, use_pcm: bool = True) -> torch.nn.Module:
+           use_gnn: bool = True, use_pcm: bool = True, context: int | None = None,
+           speaker_mode: str = "tags") -> torch.nn.Module:
     torch.manual_seed(wp * 7 + wf)
     params = {**SMALL, "causal": causal, "wp": wp, "wf": wf, "modalities": list(modalities),
-              "use_gnn": use_gnn, "use_pcm": use_pcm}
+              "use_gnn": use_gnn, "use_pcm": use_pcm, "context": context, "speaker_mode": speaker_mode}
     return build_model("corect", params, INFO).eval()
 
 
@@ -80,11 +81,14 @@ def dialogues_and_ks(draw: st.DrawFn) -> tuple[list[Dialogue], list[int], int]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=dialogues_and_ks(), wp=st.sampled_from([0, 2, 5]), mode=st.sampled_from(["change", "delete"]))
-def test_causal_model_never_peeks(data, wp, mode):
-    """All three modalities, every component on, batches of dialogues of different lengths (padding)."""
+@given(data=dialogues_and_ks(), wp=st.sampled_from([0, 2, 5]), mode=st.sampled_from(["change", "delete"]),
+       context=st.sampled_from([None, 1, 3]), speaker_mode=st.sampled_from(["tags", "per_dialogue"]))
+def test_causal_model_never_peeks(data, wp, mode, context, speaker_mode):
+    """All three modalities, every component on, batches of dialogues of different lengths (padding),
+    full or banded attention, speakers by tag or by order of first appearance."""
     dialogues, ks, seed = data
-    assert peek_gap(_model(causal=True, wp=wp), dialogues, ks, mode, seed) <= ATOL
+    model = _model(causal=True, wp=wp, context=context, speaker_mode=speaker_mode)
+    assert peek_gap(model, dialogues, ks, mode, seed) <= ATOL
 
 
 def test_causal_model_never_peeks_long_dialogue():
@@ -131,6 +135,13 @@ def test_causal_with_a_future_window_is_refused():
         model_config(cfg.model_name, cfg.model_params)
     with pytest.raises(ConfigError, match="causal"):
         build_model("corect", {**SMALL, "causal": True, "wf": 1}, INFO)
+    with pytest.raises(ConfigError, match="model.context .* needs model.causal: true"):
+        CorectConfig(causal=False, context=8).validate()
+    for bad in (0, -2, True, 2.5, "16"):
+        with pytest.raises(ConfigError, match="model.context must be null or an integer >= 1"):
+            CorectConfig(causal=True, wf=0, context=bad).validate()
+    with pytest.raises(ConfigError, match="speaker_mode must be one of tags, per_dialogue"):
+        model_config("corect", {"speaker_mode": "names"})
 
 
 @pytest.mark.parametrize("preset", ["corect_iemocap4", "corect_iemocap6", "corect_meld"])
@@ -139,6 +150,8 @@ def test_causal_presets_are_the_offline_recipe_made_causal(preset):
     offline = load_config(f"configs/{preset}.yaml")
     assert causal.name == f"{preset}_causal"
     assert causal.model["causal"] is True and causal.model["wf"] == 0
-    assert {**causal.model, "causal": False, "wf": offline.model["wf"]} == offline.model
+    live = {"causal": False, "wf": offline.model["wf"], "context": None, "speaker_mode": "tags"}
+    assert {**causal.model, **live} == {**offline.model, "context": None, "speaker_mode": "tags"}
+    assert causal.model["context"] == 32 and causal.model["speaker_mode"] == "per_dialogue"  # for live use
     assert causal.train == offline.train and causal.data == offline.data
     model_config(causal.model_name, causal.model_params)  # validates

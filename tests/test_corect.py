@@ -63,7 +63,7 @@ def test_learns_planted_signal(conv_file, tmp_path):
 @pytest.mark.parametrize("params", [
     {}, {"use_gnn": False}, {"use_pcm": False}, {"use_speaker": False}, {"use_gnn": False, "use_pcm": False},
     {"wp": 0, "wf": 0}, {"modalities": ["text"]}, {"modalities": ["audio", "visual"]},
-    {"causal": True, "wf": 0},
+    {"causal": True, "wf": 0}, {"causal": True, "wf": 0, "context": 3, "speaker_mode": "per_dialogue"},
 ])
 def test_every_switch_builds_and_trains_a_step(data, params):
     model = _model(data, **params)
@@ -83,6 +83,26 @@ def test_subset_model_ignores_other_modalities(data):
     batch.features["audio"] = torch.randn_like(batch.features["audio"])
     batch.features.pop("visual")
     assert torch.equal(out1, model(batch))
+
+
+def test_first_appearance_slots_by_hand():
+    """Speakers renumbered per dialogue by order of first appearance; padding gets 0."""
+    from affectkit.models.corect import first_appearance_slots
+
+    speakers = torch.tensor([[2, 2, 0, 1, 0, 2], [1, 3, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    want = torch.tensor([[0, 0, 1, 2, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert torch.equal(first_appearance_slots(speakers, valid, 4), want)
+
+
+def test_attention_mask_with_a_window_by_hand():
+    from affectkit.models.attention import attention_mask
+
+    valid = torch.tensor([[True, True, True, False]])
+    mask = attention_mask(valid, 4, 4, causal=True, context=2)[0, 0].int()
+    assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]]
+    assert attention_mask(None, 3, 3, causal=True, context=None)[0, 0].int().tolist() == \
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
 
 
 def test_bad_configs_are_refused(data):

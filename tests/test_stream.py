@@ -15,16 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import affectkit.stream as stream_mod
 from affectkit.checkpoint import save_checkpoint
-from affectkit.cli import main
+from affectkit.cli import main, run_lines
 from affectkit.config import config_from_dict, load_config
 from affectkit.data.conversation import Dialogue, collate_dialogues
 from affectkit.data.synthetic_conversation import write_synthetic_conversations
 from affectkit.errors import AffectkitError, ConfigError, DataError
 from affectkit.models import build_model
-from affectkit.stream import Prediction, Stream, StreamModel, run_lines
+from affectkit.stream import Prediction, Stream, StreamModel
 from affectkit.train import train
 
 DIMS = {"text": 10, "audio": 6, "visual": 8}
@@ -97,26 +99,28 @@ def test_prediction_fields_and_probabilities():
         np.testing.assert_allclose(p.probs, want[t].numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("params", [{}, {"pcm_layers": 1, "pcm_self_layers": 3, "modalities": ["text", "visual"]}])
-def test_plain_layer_paths_equal_the_fast_paths(params):
-    """The shortcuts (RGCN at the newest nodes only, P-CM stacks batched per depth) equal running the
-    model's own layers one by one (PyG's RGCNConv on the window subgraph, each P-CM layer alone)."""
-    model = _model(wp=3, **params)
-    d = _dialogue(np.random.default_rng(2), 12)
-    fast, plain = StreamModel((model, INFO)), StreamModel((model, INFO))
-    assert fast.fast_rgcn and fast.pcm_groups is not None
-    plain.fast_rgcn, plain.pcm_groups = False, None
-    torch.testing.assert_close(_streamed(Stream(fast), d), _streamed(Stream(plain), d), atol=ATOL, rtol=0)
-
-
-def test_new_weights_are_picked_up():
-    """Changing the model's weights in place (load_state_dict) after the engine was built is not ignored."""
-    model = _model(seed=0)
-    d = _dialogue(np.random.default_rng(8), 6)
+@pytest.mark.parametrize("how", ["load_state_dict", "data", "optimizer"])
+def test_weights_changed_in_place_are_picked_up(how):
+    """The stream runs the model's own modules: after an in-place weight change (``.data`` included, on
+    every layer kind the stream steps) it still equals the batch model, with no rebuild of the engine."""
+    model = _model(seed=0, context=3)
+    d = _dialogue(np.random.default_rng(8), 11)
     engine = StreamModel((model, INFO))
-    _streamed(Stream(engine), d)
-    model.load_state_dict(_model(seed=1).state_dict())
-    torch.testing.assert_close(_streamed(Stream(engine), d), _batch_logits(model, [d])[0], atol=ATOL, rtol=0)
+    session = Stream(engine)
+    for t in range(5):
+        session.push(**_kwargs(d, t))
+    if how == "load_state_dict":
+        model.load_state_dict(_model(seed=1, context=3).state_dict())
+    elif how == "data":
+        for p in model.parameters():
+            p.data.mul_(1.5).add_(0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        model(collate_dialogues([d], MODS)).sum().backward()
+        opt.step()
+    want = _batch_logits(model, [d])[0]
+    torch.testing.assert_close(_streamed(Stream(engine), d), want, atol=ATOL, rtol=0)
+    assert (want - _batch_logits(_model(seed=0, context=3), [d])[0]).abs().max() > 1e-3  # it did change
 
 
 def test_interleaved_sessions_are_independent():
@@ -363,7 +367,7 @@ def test_cli_stream_reads_lines_and_survives_bad_ones(text_checkpoint, tmp_path,
     errors = err.strip().splitlines()
     assert len(errors) == 3
     assert errors[0].startswith("line 2: error: expected 'speaker<TAB>sentence'")
-    assert errors[1].startswith("line 5: error: unknown speaker 'Q'")
+    assert errors[1].startswith("line 5: error: speaker 'Q' would be the session's speaker number 3")
     assert errors[2].startswith("line 6: error: sentence must be a non-empty str")
 
 
@@ -410,3 +414,191 @@ def test_cli_stream_answers_each_stdin_line_as_it_arrives(text_checkpoint):
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+# ------------------------------------------------------------------------------ bounded state (model.context)
+
+
+@pytest.mark.parametrize("context", [1, 2, 5, None])
+@pytest.mark.parametrize("max_rewind", [0, 3])
+@pytest.mark.parametrize("params", [{}, {"modalities": ["text"]}, {"use_gnn": False, "modalities": ["audio", "visual"]},
+                                    {"wp": 0, "use_pcm": False}], ids=["all", "text", "pcm-only", "wp0-graph"])
+def test_stream_equals_the_banded_batch_model_across_ring_wrap_around(params, context, max_rewind):
+    """Rings of ``context + max_rewind`` slots wrap several times over 40 utterances (beyond 2x the window
+    and the graph's wp + 1): every position equals the batch model trained with the same ``context``."""
+    model = _model(context=context, **params)
+    rng = np.random.default_rng(10)
+    dialogues = [_dialogue(rng, n, f"d{n}") for n in (40, 7, 1)]
+    expected = _batch_logits(model, dialogues)
+    engine = StreamModel((model, INFO), max_rewind=max_rewind)
+    for d, want in zip(dialogues, expected):
+        torch.testing.assert_close(_streamed(Stream(engine), d), want, atol=ATOL, rtol=0)
+
+
+def test_the_window_is_in_the_batch_model():
+    """``context`` changes the batch model itself (banded masks), and it equals full causal attention while
+    the dialogue is no longer than the window."""
+    full, banded = _model(seed=3), _model(seed=3, context=4)
+    d = _dialogue(np.random.default_rng(11), 12)
+    a, b = _batch_logits(full, [d])[0], _batch_logits(banded, [d])[0]
+    torch.testing.assert_close(a[:4], b[:4], atol=ATOL, rtol=0)
+    assert (a[4:] - b[4:]).abs().max() > 1e-3
+
+
+def test_state_bytes_are_constant_with_a_window_and_grow_without():
+    rng = np.random.default_rng(12)
+    d = _dialogue(rng, 120)
+    bounded, growing = Stream((_model(context=4), INFO)), Stream((_model(), INFO))
+    sizes: dict[str, list[int]] = {"bounded": [], "growing": []}
+    for t in range(len(d)):
+        for name, s in (("bounded", bounded), ("growing", growing)):
+            s.push(**_kwargs(d, t))
+            sizes[name].append(s.state_bytes)
+    assert len(set(sizes["bounded"])) == 1 and sizes["bounded"][0] > 0
+    assert sizes["growing"][-1] > 4 * sizes["growing"][10] > 0
+    growing.reset()
+    assert growing.state_bytes < sizes["growing"][0]
+
+
+def test_the_state_cap_is_a_clear_error_that_changes_nothing():
+    model = _model()
+    d = _dialogue(np.random.default_rng(13), 40)
+    probe = Stream((model, INFO))
+    for t in range(16):
+        probe.push(**_kwargs(d, t))
+    cap = probe.state_bytes + 100  # enough for 16 utterances, not for the doubling at 16
+    session = Stream((model, INFO), max_state_bytes=cap)
+    got = [session.push(**_kwargs(d, t)).logits for t in range(16)]
+    with pytest.raises(stream_mod.SessionFullError, match=r"max_state_bytes .*model.context") as err:
+        session.push(**_kwargs(d, 16))
+    assert isinstance(err.value, DataError) and "\n" not in str(err.value)
+    assert len(session) == 16 and session.state_bytes <= cap
+    torch.testing.assert_close(torch.tensor(got), _batch_logits(model, [d])[0][:16], atol=ATOL, rtol=0)
+    bounded = Stream((_model(context=4), INFO), max_state_bytes=10**6)
+    for t in range(40):
+        bounded.push(**_kwargs(d, t))
+    with pytest.raises(ConfigError, match="max_state_bytes"):
+        Stream((model, INFO), max_state_bytes=-1)
+
+
+@pytest.mark.parametrize("context", [3, None])
+def test_rewind_is_exact_within_max_rewind_and_refused_beyond(context):
+    model = _model(context=context, wp=2)
+    rng = np.random.default_rng(14)
+    d, other = _dialogue(rng, 30), _dialogue(rng, 30)
+    want = _batch_logits(model, [d])[0]
+    session = Stream((model, INFO), max_rewind=3)
+    for t in range(20):
+        session.push(**_kwargs(d, t))
+    for back in (1, 3, 4):  # revise the last utterances with other ones, then go back to the true ones
+        for t in range(20, 20 + back):
+            session.push(**_kwargs(other, t))
+        session.rewind(20)
+    with pytest.raises(DataError, match=r"max_rewind 3.*cannot go back from 25 to 20"):
+        for t in range(20, 25):
+            session.push(**_kwargs(other, t))
+        session.rewind(20)
+    assert len(session) == 25
+    session.rewind(21)
+    session.rewind(0)
+    got = _streamed(session, d)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ speakers by name
+
+
+def test_per_dialogue_speakers_map_any_names_by_first_appearance():
+    info = {**INFO, "n_speakers": 3, "speakers": ["A", "B", "C"]}
+    model = _model(info=info, speaker_mode="per_dialogue")
+    rng = np.random.default_rng(15)
+    d = _dialogue(rng, 9)
+    d.speakers[:] = [2, 2, 0, 2, 1, 0, 1, 1, 2]  # tags C C A C B A B B C -> slots 0 0 1 0 2 1 2 2 0
+    want = _batch_logits(model, [d])[0]
+    names = {2: "Dr. Chen", 0: "ann", 1: 42}
+    session = Stream((model, info))
+    got = [session.push(names[int(d.speakers[t])], **{m: x[t] for m, x in d.features.items()}).logits
+           for t in range(9)]
+    torch.testing.assert_close(torch.tensor(got), want, atol=ATOL, rtol=0)
+    assert session.speaker_slots == {"Dr. Chen": 0, "ann": 1, 42: 2}
+    x = {m: x[0] for m, x in d.features.items()}
+    with pytest.raises(DataError, match=r"'Bob' would be the session's speaker number 4; this model has 3"):
+        session.push("Bob", **x)
+    assert len(session) == 9
+    session.rewind(4)  # 42 first spoke at 4: forgotten, so "Bob" now takes slot 2
+    session.push("Bob", **x)
+    assert session.speaker_slots == {"Dr. Chen": 0, "ann": 1, "Bob": 2}
+    # the same dialogue under other tags gives the same predictions: only the order of appearance counts
+    d2 = Dialogue("d2", np.array([1, 1, 2, 1, 0, 2, 0, 0, 1]), d.labels, d.features)
+    torch.testing.assert_close(_batch_logits(model, [d2])[0], want, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- several sessions at once
+
+
+@pytest.mark.parametrize("context", [3, None])
+def test_push_batch_equals_one_push_per_session(context):
+    model = _model(context=context)
+    rng = np.random.default_rng(16)
+    dialogues = [_dialogue(rng, n, f"d{i}") for i, n in enumerate((35, 20, 6))]
+    want = _batch_logits(model, dialogues)
+    engine = StreamModel((model, INFO))
+    sessions = [Stream(engine) for _ in dialogues]
+    got: list[list] = [[] for _ in dialogues]
+    for i, start in enumerate((0, 13, 30)):  # sessions at different positions (grown caches of different sizes)
+        got[i] += [sessions[i].push(**_kwargs(dialogues[i], t)).logits for t in range(min(start, len(dialogues[i])))]
+    for _ in range(35):
+        live = [i for i, s in enumerate(sessions) if len(s) < len(dialogues[i])]
+        if not live:
+            break
+        preds = stream_mod.push_batch([sessions[i] for i in live],
+                                      [_kwargs(dialogues[i], len(sessions[i])) for i in live])
+        for i, p in zip(live, preds):
+            assert p.position == len(got[i])
+            got[i].append(p.logits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g), w, atol=ATOL, rtol=0)
+    if context is not None:
+        assert len({s.state_bytes for s in sessions}) == 1
+
+
+def test_push_batch_refuses_bad_input_without_changing_any_session():
+    model = _model()
+    d = _dialogue(np.random.default_rng(17), 5)
+    a, b = Stream((model, INFO)), Stream((model, INFO))
+    with pytest.raises(DataError, match="share one StreamModel"):
+        stream_mod.push_batch([a, b], [_kwargs(d, 0)] * 2)
+    b = a.new_session()
+    bad = {**_kwargs(d, 0), "audio": np.zeros(3)}
+    with pytest.raises(DataError, match=r"utterance 1: audio features have shape \(3,\)"):
+        stream_mod.push_batch([a, b], [_kwargs(d, 0), bad])
+    with pytest.raises(DataError, match="distinct"):
+        stream_mod.push_batch([a, a], [_kwargs(d, 0)] * 2)
+    assert len(a) == len(b) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(context=st.sampled_from([None, 1, 2, 3, 6]), wp=st.integers(0, 4), max_rewind=st.integers(0, 3),
+       n=st.integers(1, 26), seed=st.integers(0, 2**16), ops=st.lists(st.integers(0, 4), min_size=26, max_size=26))
+def test_any_window_any_rewinds_equal_the_batch_model(context, wp, max_rewind, n, seed, ops):
+    """Random windows, graph windows and spare slots; between pushes, random detours (pushes of other
+    utterances, then a rewind back, refused exactly when it would need forgotten rows)."""
+    model = _model(seed=seed % 3, context=context, wp=wp, hidden=4, text_ff=8, graph_heads=1)
+    rng = np.random.default_rng(seed)
+    d, junk = _dialogue(rng, n), _dialogue(rng, n + 8)
+    session = Stream((model, INFO), max_rewind=max_rewind)
+    got = []
+    for t in range(n):
+        detour = ops[t]
+        for k in range(detour):
+            session.push(**_kwargs(junk, t + k))
+        if detour:
+            try:
+                session.rewind(t)
+            except DataError:
+                assert detour > max_rewind + 1  # refused only beyond the spare slots
+                session.reset()
+                for k in range(t):
+                    session.push(**_kwargs(d, k))
+        got.append(session.push(**_kwargs(d, t)).logits)
+    torch.testing.assert_close(torch.tensor(got), _batch_logits(model, [d])[0], atol=ATOL, rtol=0)

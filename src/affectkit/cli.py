@@ -6,9 +6,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-from affectkit.errors import AffectkitError
+from affectkit.errors import AffectkitError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from affectkit.stream import Prediction, Stream
 
 log = logging.getLogger("affectkit")
 
@@ -81,9 +86,60 @@ def cmd_eval(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(json_safe(results), indent=2))
 
 
+def format_prediction(pred: Prediction, speaker: str, names: Sequence[str]) -> str:
+    """``position<TAB>speaker<TAB>label<TAB>prob<TAB>name=p name=p ...`` (one line)."""
+    probs = " ".join(f"{name}={p:.3f}" for name, p in zip(names, pred.probs))
+    return f"{pred.position}\t{speaker}\t{pred.label}\t{pred.prob:.3f}\t{probs}"
+
+
+def input_lines(path: str | Path | None = None) -> Iterator[str]:
+    """Lines of stdin as they arrive, or of the file ``path`` (DataError now if it does not exist)."""
+    if path is None:
+        return iter(sys.stdin.readline, "")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: input file not found")
+    return _file_lines(Path(path))
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        yield from f
+
+
+def run_lines(session: Stream, lines: Iterable[str], out: TextIO | None = None,
+              err: TextIO | None = None) -> tuple[int, int]:
+    """Classify ``speaker<TAB>sentence`` lines as they come, printing (and flushing) one prediction per
+    line to ``out``; a malformed line prints an error line to ``err`` and the stream goes on.  Blank
+    lines are skipped.  Returns (predictions, errors)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if session.modalities != ("text",):
+        raise ConfigError(f"affectkit stream reads text lines only; this checkpoint reads "
+                          f"{', '.join(session.modalities)}: use Stream.push with features")
+    session.engine.check_text_encoder()
+    session.engine.embed_sentences(["warm up"])  # load the encoder before the first line arrives
+    done = failed = 0
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        speaker, tab, sentence = line.partition("\t")
+        try:
+            if not tab:
+                raise DataError("expected 'speaker<TAB>sentence'")
+            pred = session.push_text(speaker.strip(), sentence.strip())
+        except DataError as exc:
+            failed += 1
+            print(f"line {lineno}: error: {exc}", file=err, flush=True)
+            continue
+        done += 1
+        print(format_prediction(pred, speaker.strip(), session.label_names), file=out, flush=True)
+    return done, failed
+
+
 def cmd_stream(args: argparse.Namespace) -> None:
     """Classify ``speaker<TAB>sentence`` lines live (stdin or --input), one prediction line each."""
-    from affectkit.stream import Stream, input_lines, run_lines
+    from affectkit.stream import Stream
 
     session = Stream(args.checkpoint)
     log.info("streaming %s: per line: position, speaker, label, prob, all probs", args.checkpoint)

@@ -1,5 +1,9 @@
-"""Attention layers shared by the sequence models: multi-head attention with padding and causal masks,
-and a post-norm Transformer layer (self- or cross-attention) whose keys/values can be cached for streaming.
+"""Attention layers shared by the sequence models: multi-head attention with padding, causal and banded
+(sliding-window) masks, and a post-norm Transformer layer (self- or cross-attention).
+
+Each layer has one forward that also steps: given a ``cache`` (a :class:`KVCache`, see
+:mod:`affectkit.models.steps`) it runs on the newest utterance of live sessions, stores that utterance's
+keys and values and attends to the ones the cache returns; without one it runs on whole sequences.
 """
 
 from __future__ import annotations
@@ -9,25 +13,45 @@ from torch import nn
 from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
+from affectkit.models.steps import StepState, in_window
 
 
 def attention_mask(key_valid: torch.Tensor | None, n_queries: int, n_keys: int, causal: bool,
-                   offset: int = 0) -> torch.Tensor | None:
+                   offset: int = 0, context: int | None = None) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S), True = may attend. ``causal``: query t (at absolute position
-    ``offset + t``) sees keys at positions <= its own."""
+    ``offset + t``) sees keys at positions <= its own; with ``context`` N only the N latest of them
+    (itself and N - 1 earlier: :func:`~affectkit.models.steps.in_window`)."""
     mask = None
     if key_valid is not None:
         mask = key_valid[:, None, None, :]
     if causal:
         q_pos = torch.arange(n_queries, device=key_valid.device if key_valid is not None else None) + offset
         k_pos = torch.arange(n_keys, device=q_pos.device)
-        tri = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        mask = tri if mask is None else mask & tri
+        band = in_window(q_pos[:, None], k_pos[None, :], context)[None, None]
+        mask = band if mask is None else mask & band
     return mask
 
 
+class KVCache:
+    """The keys and values one attention layer keeps for live sessions: rows ``key``.k / ``key``.v of a
+    :class:`~affectkit.models.steps.Ring` (keys stored before the split into heads)."""
+
+    __slots__ = ("ring", "key")
+
+    def __init__(self, state: StepState, key: str, group: str = "attention") -> None:
+        self.ring, self.key = state.rings[group], key
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the newest keys/values (B, 1, D); return all stored ones (B, capacity, D)."""
+        return self.ring.write(self.key + ".k", k[:, 0]), self.ring.write(self.key + ".v", v[:, 0])
+
+    def mask(self) -> torch.Tensor | None:
+        """Which stored keys the newest query may attend to (B, 1, 1, capacity), None for all."""
+        return self.ring.mask()
+
+
 class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention over ``heads`` heads; ``project_kv`` exposes keys/values for caching."""
+    """Scaled dot-product attention over ``heads`` heads."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -43,19 +67,18 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.heads, self.dim // self.heads).transpose(1, 2)
 
-    def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, dim) -> keys and values (B, heads, S, dim/heads)."""
-        return self._split(self.k(kv)), self._split(self.v(kv))
-
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """``x`` (B, T, dim) attends to ``kv`` (B, S, dim); with ``cache``, ``kv`` is the newest step's and
+        is attended to together with the cached ones (``mask`` then comes from the cache)."""
+        k, v = self.k(kv), self.v(kv)
+        if cache is not None:
+            k, v = cache.update(k, v)
+            mask = cache.mask()
         q = self._split(self.q(x))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, self._split(k), self._split(v), attn_mask=mask, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        k, v = self.project_kv(kv)
-        return self.attend(x, k, v, mask)
 
 
 class TransformerLayer(nn.Module):
@@ -71,23 +94,24 @@ class TransformerLayer(nn.Module):
         self.drop1 = nn.Dropout(dropout)
         self.drop2 = nn.Dropout(dropout)
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.drop1(attended))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop1(self.attn(x, x if kv is None else kv, mask, cache)))
         return self.norm2(x + self.drop2(self.ff(x)))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor | None = None) -> torch.Tensor:
-        return self.finish(x, self.attn(x, x if kv is None else kv, mask))
 
 
 class TransformerStack(nn.Module):
-    """Layers of self-attention over a padded sequence, with optional causal masking."""
+    """Layers of self-attention over a padded sequence, with optional causal (and banded) masking.
+    With ``state`` it steps the newest utterance of live sessions, layer ``i`` caching under ``name.i``."""
 
     def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        mask = attention_mask(valid, x.shape[1], x.shape[1], causal)
-        for layer in self.layers:
-            x = layer(x, mask)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, causal: bool, context: int | None = None,
+                state: StepState | None = None, name: str = "stack") -> torch.Tensor:
+        mask = None if state is not None else attention_mask(valid, x.shape[1], x.shape[1], causal,
+                                                              context=context)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cache=None if state is None else KVCache(state, f"{name}.{i}"))
         return x

@@ -5,12 +5,18 @@ audio/visual: Linear-ReLU-Linear-ReLU), plus a speaker embedding. Then two views
 the relational temporal graph (RGCNConv -> TransformerConv + BatchNorm + LeakyReLU over one node per
 (utterance, modality), see :mod:`affectkit.graph`) and P-CM (for every ordered modality pair, queries of one
 modality attend to the other, then self-attention per target modality). A classifier per utterance.
-``causal: true`` makes every path past-only: ``wf = 0`` and causal masks in the text encoder and P-CM.
+``causal: true`` makes every path past-only: ``wf = 0`` and causal masks in the text encoder and P-CM;
+``context: N`` narrows those masks to a band (each utterance attends to itself and N - 1 earlier ones).
+
+A causal CORECT also steps: ``model(batch, state)`` with a :class:`~affectkit.models.steps.StepState`
+from :meth:`Corect.init_state` runs the next utterance of live sessions through the same layers, each
+keeping what later utterances need (attention keys/values, the graph's last ``wp + 1`` node rows) in ring
+buffers sized by the model (``context``, ``wp``).  ``affectkit.stream`` is a session on top of that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass, field
 from itertools import permutations
 from typing import Any
@@ -21,8 +27,9 @@ from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
-from affectkit.models.attention import TransformerLayer, TransformerStack, attention_mask
+from affectkit.models.attention import KVCache, TransformerLayer, TransformerStack, attention_mask
 from affectkit.models.registry import check_modalities, register_model
+from affectkit.models.steps import Ring, StepState
 
 CONVERSATION_MODALITIES: tuple[str, ...] = ("text", "audio", "visual")
 
@@ -48,6 +55,9 @@ class CorectConfig:
     pcm_self_layers: int = 3
     pcm_dropout: float = 0.1
     causal: bool = False
+    context: int | None = None  # causal attention window (self + N - 1 earlier); None: the whole past
+    speaker_mode: str = "tags"  # tags: one embedding per speaker tag of the file; per_dialogue: by order of
+    #                             first appearance in each dialogue (live sessions with any names)
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -57,6 +67,28 @@ class CorectConfig:
             raise ConfigError(f"a causal model cannot look at later utterances: set model.wf=0 (got {self.wf})")
         if self.hidden < 1:
             raise ConfigError("model.hidden must be >= 1")
+        if self.context is not None:
+            if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1:
+                raise ConfigError(f"model.context must be null or an integer >= 1, got {self.context!r}")
+            if not self.causal:
+                raise ConfigError("model.context (an attention window over past utterances) needs model.causal: true")
+        if self.speaker_mode not in SPEAKER_MODES:
+            raise ConfigError(f"model.speaker_mode must be one of {', '.join(SPEAKER_MODES)}, "
+                              f"got {self.speaker_mode!r}")
+
+
+SPEAKER_MODES: tuple[str, ...] = ("tags", "per_dialogue")
+
+
+def first_appearance_slots(speakers: torch.Tensor, valid: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Each dialogue's speaker indices (B, T) renumbered by order of first appearance (the first to speak
+    is 0, the next new one 1, ...); padding gets 0.  ``n_slots``: how many indices there are (>= max + 1)."""
+    b, t = speakers.shape
+    when = torch.where(valid, torch.arange(t, device=speakers.device).expand(b, t), t)
+    first = torch.full((b, n_slots), t, dtype=torch.long, device=speakers.device)
+    first = first.scatter_reduce(1, speakers, when, "amin")
+    rank = (first[:, None, :] < first[:, :, None]).sum(-1)  # (B, n_slots): speakers seen before this one
+    return torch.where(valid, rank.gather(1, speakers), 0)
 
 
 class PairwiseCrossModal(nn.Module):
@@ -80,30 +112,24 @@ class PairwiseCrossModal(nn.Module):
         })
         self.out_dim = n * width
 
-    def apply(self, feats: list[torch.Tensor],
-              cross: Callable[[TransformerLayer, torch.Tensor, torch.Tensor], torch.Tensor],
-              fuse: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The P-CM traversal, shared by the batch model and the streaming engine: for each target modality,
-        ``cross(layer, x, kv)`` through each pair's stack, then ``fuse(modality, concatenated parts)``."""
+    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool, context: int | None = None,
+                state: StepState | None = None) -> torch.Tensor:
+        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h).  With ``state``: T = 1, the newest
+        utterance of each live session; every layer caches under its own name."""
+        t = feats[0].shape[1]
+        mask = None if state is not None else attention_mask(valid, t, t, causal, context=context)
         outs = []
         for j, mj in enumerate(self.modalities):
             parts = []
             for k, mk in enumerate(self.modalities):
                 if k == j:
                     continue
-                x = feats[j]
-                for layer in self.cross[f"{mj}<-{mk}"]:
-                    x = cross(layer, x, feats[k])
+                x, name = feats[j], f"pcm.{mj}<-{mk}"
+                for i, layer in enumerate(self.cross[name[4:]]):
+                    x = layer(x, mask, kv=feats[k], cache=None if state is None else KVCache(state, f"{name}.{i}"))
                 parts.append(x)
-            outs.append(fuse(mj, torch.cat(parts, dim=-1)))
+            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), valid, causal, context, state, f"pcm.{mj}"))
         return torch.cat(outs, dim=-1)
-
-    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool) -> torch.Tensor:
-        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h)."""
-        t = feats[0].shape[1]
-        mask = attention_mask(valid, t, t, causal)
-        return self.apply(feats, lambda layer, x, kv: layer(x, mask, kv=kv),
-                          lambda m, x: self.fuse[m](x, valid, causal))
 
 
 class RelationalGraph(nn.Module):
@@ -120,13 +146,52 @@ class RelationalGraph(nn.Module):
         self.bn = nn.BatchNorm1d(h * cfg.graph_heads)
         self.out_dim = n_modalities * h * cfg.graph_heads
 
-    def forward(self, packed: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """``packed``: per modality (U, h) -> (U, M * heads * h)."""
-        u = packed[0].shape[0]
-        edge_index, edge_type = build_graph(lengths, self.n_modalities, self.wp, self.wf)
-        x = self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type)
-        x = F.leaky_relu(self.bn(self.gt(x, edge_index)))
-        return x.view(self.n_modalities, u, -1).transpose(0, 1).reshape(u, -1)
+    def forward(self, packed: list[torch.Tensor], lengths: torch.Tensor,
+                state: StepState | None = None) -> torch.Tensor:
+        """``packed``: per modality (U, h) -> (U, M * heads * h).  With ``state``: U = B, the newest
+        utterance of each live session; its nodes are computed on the window of its last ``wp + 1``
+        utterances, whose node rows and RGCN outputs the state's ``graph`` ring keeps."""
+        m = self.n_modalities
+        if state is None:
+            edge_index, edge_type = build_graph(lengths, m, self.wp, self.wf)
+            x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index)
+            return _by_utterance(F.leaky_relu(self.bn(x)), m)
+        ring, pos = state.rings["graph"], state.lengths
+        ring.write("nodes", torch.cat(packed, dim=-1))  # (B, M * h)
+        rows, w = ring.window_rows("nodes", pos)
+        edge_index, edge_type, newest = _newest_edges(tuple(w.tolist()), m, self.wp, rows.device)
+        r = self.rgcn(_by_modality(rows, m), edge_index, edge_type)
+        ring.write("rgcn", _by_utterance(r, m)[newest])
+        rows, _ = ring.window_rows("rgcn", pos)
+        x = self.gt(_by_modality(rows, m), edge_index)
+        x = x.view(m, -1, x.shape[-1])[:, newest].reshape(-1, x.shape[-1])  # newest nodes, modality-major
+        return _by_utterance(F.leaky_relu(self.bn(x)), m)
+
+
+def _by_modality(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """(U, M * D) utterance rows -> (M * U, D) graph nodes, modality-major (see :mod:`affectkit.graph`)."""
+    u = rows.shape[0]
+    return rows.view(u, m, -1).transpose(0, 1).reshape(m * u, -1)
+
+
+def _by_utterance(nodes: torch.Tensor, m: int) -> torch.Tensor:
+    """(M * U, D) modality-major graph nodes -> (U, M * D) utterance rows."""
+    u = nodes.shape[0] // m
+    return nodes.view(m, u, -1).transpose(0, 1).reshape(u, -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _newest_edges(lengths: tuple[int, ...], m: int, wp: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The causal graph of windows of ``lengths`` utterances (:func:`build_graph`, wf 0) restricted to the
+    edges into each window's newest utterance, and those utterances' packed indices."""
+    lens = torch.tensor(lengths, device=device)
+    edge_index, edge_type = build_graph(lens, m, wp, 0)
+    newest = torch.cumsum(lens, 0) - 1
+    is_newest = torch.zeros(int(lens.sum()), dtype=torch.bool, device=device)
+    is_newest[newest] = True
+    keep = is_newest.repeat(m)[edge_index[1]]
+    return edge_index[:, keep].contiguous(), edge_type[keep].contiguous(), newest
 
 
 @register_model("corect", CorectConfig, task="conversation")
@@ -161,27 +226,63 @@ class Corect(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(h, n_classes))
 
-    def encode(self, batch: Any) -> list[torch.Tensor]:
+    def encode(self, batch: Any, state: StepState | None = None) -> list[torch.Tensor]:
         """Per modality (B, T, h): encoders + speaker embedding."""
+        cfg = self.cfg
+        speakers = batch.speakers
+        if self.speaker is not None and cfg.speaker_mode == "per_dialogue" and state is None:
+            speakers = first_appearance_slots(speakers, batch.mask, self.speaker.num_embeddings)
         out = []
         for m in self.modalities:
             x = batch.features[m]
             if m == "text" and self.text_context is not None:
-                x = self.text_context(x, batch.mask, self.cfg.causal)
+                x = self.text_context(x, batch.mask, cfg.causal, cfg.context, state, "text")
             x = self.encoders[m](x)
             if self.speaker is not None:
-                x = x + self.speaker(batch.speakers)
+                x = x + self.speaker(speakers)
             out.append(x)
         return out
 
-    def forward(self, batch: Any) -> torch.Tensor:
-        """A ConversationBatch -> logits (U, n_classes) for the packed real utterances (dialogue-major)."""
-        feats = self.encode(batch)
+    def forward(self, batch: Any, state: StepState | None = None) -> torch.Tensor:
+        """A ConversationBatch -> logits (U, n_classes) for the packed real utterances (dialogue-major).
+
+        With ``state`` (causal models, :meth:`init_state`): ``batch`` holds the next utterance of each of
+        the state's B sessions (T = 1, speakers already embedding rows), the same layers step it, and the
+        state moves on by one utterance when the forward succeeds (a failure leaves it as it was)."""
+        if state is not None:
+            self._check_step(batch, state)
+            state.begin()
+        feats = self.encode(batch, state)
         packed = [x[batch.mask] for x in feats]
         views = []
         if self.graph is not None:
-            views.append(self.graph(packed, batch.lengths))
+            views.append(self.graph(packed, batch.lengths, state))
         if self.pcm is not None:
-            views.append(self.pcm(feats, batch.mask, self.cfg.causal)[batch.mask])
+            views.append(self.pcm(feats, batch.mask, self.cfg.causal, self.cfg.context, state)[batch.mask])
         rep = torch.cat(views, dim=-1) if views else torch.cat(packed, dim=-1)
-        return self.classifier(rep)
+        out = self.classifier(rep)
+        if state is not None:
+            state.advance()
+        return out
+
+    def init_state(self, batch: int = 1, rewind: int = 0, device: torch.device | str | None = None) -> StepState:
+        """An empty step state for ``batch`` live sessions, bounded by the model: attention caches of
+        ``context`` utterances (growing ones when ``context`` is null) and graph rows of the last ``wp + 1``,
+        each with ``rewind`` spare slots so a session can step back that many utterances exactly."""
+        if not self.cfg.causal or self.cfg.wf:
+            raise ConfigError("only a causal model (model.causal: true, wf: 0) can step utterance by utterance")
+        if device is None:
+            device = next(self.parameters()).device
+        device = torch.device(device)
+        ctx = self.cfg.context
+        rings = {"attention": Ring(batch, ctx, None if ctx is None else ctx + rewind, device)}
+        if self.graph is not None:
+            rings["graph"] = Ring(batch, self.cfg.wp + 1, self.cfg.wp + 1 + rewind, device)
+        return StepState(torch.zeros(batch, dtype=torch.long, device=device), rings)
+
+    def _check_step(self, batch: Any, state: StepState) -> None:
+        if not self.cfg.causal:
+            raise ConfigError("only a causal model (model.causal: true) can step utterance by utterance")
+        if tuple(batch.mask.shape) != (state.batch, 1) or not bool(batch.mask.all()):
+            raise ConfigError(f"a step takes one utterance per session: mask of shape ({state.batch}, 1), "
+                              f"all true; got {tuple(batch.mask.shape)}")
