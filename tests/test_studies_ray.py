@@ -176,3 +176,27 @@ def test_the_local_engine_imports_neither_ray_nor_optuna(tmp_path, small_mosi):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "results.csv").is_file()
+
+
+def test_a_sweep_on_ray_prunes_through_the_driver(tmp_path, small_mosi):
+    """Two trials at a time as Ray tasks; every epoch's dev score reaches the driver's storage (pruning)."""
+    pytest.importorskip("optuna")
+    from affectkit.sweep import read_trials, run_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "base": str(LAB), "trials": 3, "seed": 0,
+        "common": {"model.hidden": 8, "train.epochs": 2, "train.tensorboard": False},
+        "pruner": {"kind": "median", "startup_trials": 1, "warmup_epochs": 0},
+        "params": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}))
+    res = run_sweep(path, data=small_mosi, out=tmp_path / "s", engine="ray", workers=2, threads=1, progress=False)
+    rows = read_trials(tmp_path / "s" / "trials.csv")
+    assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 's' / 'optuna.db'}")
+    for t in study.trials:  # the per-epoch scores went task -> actor -> driver -> storage
+        assert sorted(t.intermediate_values) == list(range(1, int(t.user_attrs["epochs"]) + 1))
+    best = tmp_path / "s" / "trials" / f"{res.best_number:04d}"
+    assert (best / "best.pt").is_file() and (best / "provenance.json").is_file()  # bytes installed by the driver
+    assert res.test and (tmp_path / "s" / "best.yaml").is_file()

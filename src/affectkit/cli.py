@@ -101,7 +101,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
     result = run_study(args.config, data=args.data, seeds=args.seeds, workers=args.workers, out=args.out,
                        overrides=args.set or [], threads=args.threads, engine=args.engine, address=args.address,
-                       devices=args.devices)
+                       devices=args.devices, gpus_per_run=args.gpus_per_run)
     print(result.report())
     if result.failures:
         raise AffectkitError(f"{len(result.failures)} run(s) failed; rerun the same command to retry them")
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="ray: the cluster (auto or HOST:PORT; default: start a local instance)")
     s.add_argument("--threads", type=int, help="torch threads (local) or CPUs (ray) per run")
     s.add_argument("--devices", nargs="+", metavar="DEV", help="local: one device per worker, e.g. cuda:0 cuda:1")
+    s.add_argument("--gpus-per-run", type=float, default=1.0, help="ray: GPUs per cuda run (a fraction shares one)")
     s.set_defaults(func=cmd_study)
 
     s = sub.add_parser("sweep", help="search hyper-parameters with Optuna (TPE, pruning), then test the best once")
