@@ -428,8 +428,9 @@ def write_trials_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: "" if row.get(k) is None else row.get(k) for k in cols})
 
 
-def write_sweep_plots(study: Any, out: Path) -> list[str]:
-    """Optuna's optimisation-history and parameter-importance plots (matplotlib, Agg); notes on any skipped."""
+def write_sweep_plots(study: Any, out: Path, select: str = "") -> list[str]:
+    """Optuna's optimisation-history and parameter-importance plots (matplotlib, Agg); notes on any skipped.
+    Optuna's plots set a global style: it is undone afterwards (``rc_context``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,13 +439,15 @@ def write_sweep_plots(study: Any, out: Path) -> list[str]:
     from optuna.visualization import matplotlib as ovm
 
     notes = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, draw in (("history.png", lambda: ovm.plot_optimization_history(study)),
                            ("importance.png", lambda: ovm.plot_param_importances(
                                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))):
             try:
                 ax = draw()
+                if name == "history.png" and select:
+                    ax.set_ylabel(f"dev {select}")
                 fig = ax.figure
                 fig.set_size_inches(8, 4.5)
                 fig.tight_layout()
@@ -593,7 +596,7 @@ def run_sweep(path: str | Path, data: str | Path | None = None, trials: int | No
     if not complete:
         (out / "summary.md").write_text(f"# Sweep `{sweep.name}`\n\nNo trial finished: {states}.\n")
         return SweepResult(out, states, None, None, {}, {}, sweep.select, ran)
-    notes = write_sweep_plots(study, out)
+    notes = write_sweep_plots(study, out, sweep.select)
     best = study.best_trial
     test = evaluate_best_once(study, out, data, sha)
     header = (f"The best trial ({best.number}) of sweep {sweep.name!r}: dev {sweep.select} {best.value:.4f}, "
