@@ -254,9 +254,9 @@ class LocalEngine:
 
 
 def pack_folder(folder: Path) -> bytes:
-    """A run folder's files as gzip'd tar bytes (paths relative to the folder)."""
+    """A run folder's files as tar bytes (paths relative to the folder; uncompressed: weights barely compress)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for p in sorted(folder.rglob("*")):
             if p.is_file():
                 tar.add(p, arcname=str(p.relative_to(folder)), recursive=False)
@@ -268,7 +268,7 @@ def install_folder(archive: bytes, folder: Path) -> None:
     folder or the whole new one, never a half-written run. Refuses absolute paths and links in the archive."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     incoming = folder.parent / f".{folder.name}.incoming-{uuid.uuid4().hex[:8]}"
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
         for m in tar.getmembers():
             if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
                 raise ConfigError(f"refused run archive member {m.name!r} (not a plain relative file)")
