@@ -102,6 +102,8 @@ def test_test_data_never_guides_the_search_and_the_best_is_tested_once(tmp_path,
         return [{k: v for k, v in r.items() if k != "seconds"} for r in read_trials(out / "trials.csv")]
 
     assert table(tmp_path / "sa") == table(tmp_path / "sb")  # states, dev values, epochs, params: all equal
+    base = table(tmp_path / "sa")[0]  # trial 0: the base preset's own values, the reference point
+    assert base["base"] == "True" and base["param_train.lr"] == "0.001" and base["param_model.hidden"] == "8"
     assert len(table(tmp_path / "sa")) == 4 and ra.best_number == rb.best_number
     assert ra.test["Corr"] != rb.test["Corr"]  # the test files do differ, and only the final evaluation saw it
     best = f"{ra.best_number:04d}"

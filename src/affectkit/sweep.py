@@ -8,6 +8,8 @@ A sweep file (``configs/sweeps/*.yaml``)::
     seed: 0                           # the sampler's seed
     common: {train.epochs: 20}        # overrides for every trial
     pruner: {kind: median, startup_trials: 5, warmup_epochs: 3}   # or {kind: none}
+    random_trials: 10                 # TPE samples at random until this many trials have finished
+    include_base: true                # trial 0 is the base preset's own values (the reference point)
     params:
       train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}
       model.dropout: {low: 0.0, high: 0.5, step: 0.1}
@@ -51,7 +53,8 @@ from affectkit.studies.spec import flatten_overrides
 
 log = logging.getLogger("affectkit")
 
-_SWEEP_KEYS = {"name", "base", "description", "trials", "seed", "common", "params", "pruner"}
+_SWEEP_KEYS = {"name", "base", "description", "trials", "seed", "common", "params", "pruner", "random_trials",
+               "include_base"}
 _PARAM_KEYS = {"low", "high", "log", "step", "choices"}
 
 
@@ -96,6 +99,21 @@ class Sweep:
     direction: str
     pruner: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    random_trials: int = 10
+    include_base: bool = True
+
+    def base_values(self) -> dict[str, Any] | None:
+        """The base preset's own values of the searched keys, if every one lies in its range (else None)."""
+        flat = flatten_overrides(self.base)
+        values = {}
+        for p in self.params:
+            v = flat.get(p.key)
+            inside = (v in p.choices) if p.choices is not None else (
+                isinstance(v, int | float) and not isinstance(v, bool) and p.low <= v <= p.high)
+            if not inside:
+                return None
+            values[p.key] = v
+        return values
 
     def trial_config(self, values: dict[str, Any], data: str | Path, out: Path, number: int) -> dict[str, Any]:
         """The full run config of one trial (a plain dict)."""
@@ -159,7 +177,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | None = None) -> Swee
     if trials < 1:
         raise ConfigError(f"{path}: trials must be >= 1")
     return Sweep(str(raw.get("name") or path.stem), base, params, trials, int(raw.get("seed", 0)), select,
-                 "minimize" if select in LOWER_IS_BETTER else "maximize", pruner, path)
+                 "minimize" if select in LOWER_IS_BETTER else "maximize", pruner, path,
+                 int(raw.get("random_trials", 10)), bool(raw.get("include_base", True)))
 
 
 # ----------------------------------------------------------------------------- the Optuna study
@@ -182,7 +201,14 @@ def open_study(sweep: Sweep, storage: str, data_sha256: str) -> Any:
         n_startup_trials=int(p.get("startup_trials", 5)), n_warmup_steps=int(p.get("warmup_epochs", 3))))
     study = optuna.create_study(study_name=sweep.name, storage=storage, load_if_exists=True,
                                 direction=sweep.direction, pruner=pruner,
-                                sampler=optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=True))
+                                sampler=optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=True,
+                                                                   n_startup_trials=sweep.random_trials))
+    if sweep.include_base and not study.trials:
+        values = sweep.base_values()
+        if values is None:
+            log.warning("the base preset's values lie outside the searched ranges: no base trial")
+        else:  # the reference point: trial 0 trains the preset itself, under the same budget
+            study.enqueue_trial(values, user_attrs={"base": True})
     fingerprint = json.dumps({k: v for k, v in flatten_overrides(sweep.base).items()
                               if k not in ("data.path", "out_dir", "name")}, sort_keys=True, default=str)
     for key, value in (("data_sha256", data_sha256), ("base", fingerprint)):
@@ -413,6 +439,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
                      "best_epoch": t.user_attrs.get("best_epoch"), "epochs": t.user_attrs.get("epochs"),
                      "seconds": t.user_attrs.get("seconds"), "error": t.user_attrs.get("error", ""),
+                     "base": bool(t.user_attrs.get("base")),
                      **{f"param_{k}": v for k, v in t.params.items()}})
     return rows
 
@@ -505,7 +532,7 @@ def sweep_summary(sweep: Sweep, study: Any, rows: list[dict[str, Any]], test: di
              f"- Written {datetime.now():%Y-%m-%d %H:%M} by affectkit {__version__}.", "",
              f"## Best trial: {best.number}", "",
              f"dev {sweep.select} {best.value:.4f} (epoch {best.user_attrs.get('best_epoch')}); "
-             "preset: `best.yaml`.", "",
+             "preset: `best.yaml`." + _base_line(rows, best.value, sweep.select), "",
              "| parameter | value |", "|---|---|"]
     lines += [f"| `{k}` | {v!r} |" for k, v in best.params.items()]
     shown = {k: v for k, v in test.items() if isinstance(v, float) and k != "loss"}
@@ -518,11 +545,20 @@ def sweep_summary(sweep: Sweep, study: Any, rows: list[dict[str, Any]], test: di
                   reverse=sweep.direction == "maximize")
     for r in done[:10]:
         vals = [r.get(f"param_{p.key}") for p in sweep.params]
-        lines.append(f"| {r['number']} | {r['value']:.4f} | {r['epochs']} | "
+        mark = " (base preset)" if r.get("base") else ""
+        lines.append(f"| {r['number']}{mark} | {r['value']:.4f} | {r['epochs']} | "
                      + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals) + " |")
     lines += ["", "Plots: `history.png` (optimisation history), `importance.png` (fANOVA parameter importance). "
               "All trials: `trials.csv`.", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
+
+
+def _base_line(rows: list[dict[str, Any]], best: float, select: str) -> str:
+    base = next((r for r in rows if r.get("base") and r["state"] == "COMPLETE"), None)
+    if base is None:
+        return ""
+    return (f" The base preset's own values (trial {base['number']}, same budget): dev {select} "
+            f"{base['value']:.4f}; best − base = {best - base['value']:+.4f} on dev.")
 
 
 def sweep_command(path: str | Path, data: str | Path | None, trials: int | None, out: str | Path | None,
