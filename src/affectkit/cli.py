@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for all trials")
     s.add_argument("--engine", choices=["local", "ray"], default="local")
     s.add_argument("--address", help="ray: the cluster (auto or HOST:PORT; default: start a local instance)")
-    s.add_argument("--workers", type=int, default=1, help="trials in parallel (ray); default %(default)s")
+    s.add_argument("--workers", type=int, help="ray: trials at a time (default: the cluster's CPUs / CPUs per trial)")
     s.add_argument("--threads", type=int, help="torch threads (local) or CPUs (ray) per trial")
     s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("features", help="turn real transcripts into the conversation feature layout")
