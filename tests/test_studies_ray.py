@@ -38,6 +38,18 @@ def _ray_processes() -> set[int]:
     return pids
 
 
+def _kill_own_ray_children() -> None:
+    """End the Ray processes this test process started (by pid), e.g. after a node failed to start."""
+    if ray.is_initialized():
+        ray.shutdown()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(n in p.name() for n in RAY_PROCESS_NAMES) or "ray" in " ".join(p.cmdline()):
+                p.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
 @pytest.fixture(autouse=True)
 def no_ray_left_behind():
     """Each test starts and stops its own Ray; afterwards no raylet, GCS or Ray worker it started remains."""
@@ -46,8 +58,27 @@ def no_ray_left_behind():
     deadline = time.monotonic() + 30
     while (left := _ray_processes() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, f"Ray processes left behind: {sorted(left)}"
+    alive = {pid for pid in left if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+    if alive:
+        _kill_own_ray_children()  # leave nothing behind even when the test fails
+    assert not alive, f"Ray processes left behind: {sorted(alive)}"
     assert not ray.is_initialized()
+
+
+def _start_cluster():
+    """A 0-CPU head and two 1-CPU worker nodes on localhost; skips (after cleaning up) if Ray's own start-up
+    times out, which happens only when the machine is badly overloaded (Ray waits 30 s for a raylet)."""
+    from ray.cluster_utils import Cluster
+
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+        _kill_own_ray_children()
+        pytest.skip("Ray nodes did not start within Ray's 30 s on this overloaded machine")
+    return cluster, nodes
 
 
 def _study(tmp_path: Path, variants: dict, seeds=(1, 2), epochs: int = 1) -> Path:
@@ -102,11 +133,8 @@ def test_ray_engine_equals_local_and_resumes_after_an_interrupted_driver(tmp_pat
 
 def test_a_study_survives_losing_a_node(tmp_path, small_mosi):
     """A 0-CPU head and two 1-CPU worker nodes; one worker node is removed while runs are in flight."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster, nodes = _start_cluster()
     try:
-        nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         removed: list[str] = []
