@@ -222,3 +222,28 @@ def test_plots_are_png_files(tmp_path):
     written = write_plots(rows, "baseline", tmp_path)
     assert [w.name for w in written] == ["metrics.png", "differences.png", "curves.png"]
     assert all(w.read_bytes()[:8] == PNG for w in written)
+
+
+def test_one_device_per_worker_and_the_device_does_not_rerun(tmp_path, data_file):
+    study = _study(tmp_path, {"baseline": {}})
+    res = run_study(study, data=data_file, out=tmp_path / "out", workers=2, devices=["cpu", "cpu"], progress=False,
+                    threads=1)
+    assert not res.failures and len(res.ran) == 2
+    for s in (1, 2):
+        stored = yaml.safe_load((tmp_path / "out" / "runs" / "baseline" / f"seed{s}" / "config.yaml").read_text())
+        assert stored["train"]["device"] == "cpu"  # the worker's device, not the config's auto
+    again = run_study(study, data=data_file, out=tmp_path / "out", progress=False, threads=1)
+    assert (again.skipped, len(again.ran)) == (2, 0)  # where a run ran is not a reason to rerun it
+
+
+def test_engine_options_are_checked(tmp_path, data_file, capsys):
+    study = _study(tmp_path, {"baseline": {}})
+    with pytest.raises(ConfigError, match="one per worker"):
+        run_study(study, data=data_file, out=tmp_path / "o", workers=2, devices=["cpu"], progress=False)
+    with pytest.raises(ConfigError, match="--address is for --engine ray"):
+        run_study(study, data=data_file, out=tmp_path / "o", address="auto", progress=False)
+    with pytest.raises(ConfigError, match="unknown engine 'spark'"):
+        run_study(study, data=data_file, out=tmp_path / "o", engine="spark", progress=False)
+    assert main(["study", str(study), "--data", str(data_file), "--engine", "local", "--address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--address is for --engine ray" in err

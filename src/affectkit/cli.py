@@ -32,17 +32,22 @@ def metric_table(rows: dict[str, dict[str, object]]) -> str:
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
+    import shlex
+
+    command = ["affectkit", "make-synthetic", args.kind, str(args.out), "--seed", str(args.seed)]
     if args.kind == "mosi":
         from affectkit.data.synthetic_mosi import write_synthetic_mosi
 
         sizes = None
         if args.small:
             sizes = {"train": 240, "valid": 60, "test": 120}
-        write_synthetic_mosi(args.out, seed=args.seed, sizes=sizes)
+        write_synthetic_mosi(args.out, seed=args.seed, sizes=sizes,
+                             command=shlex.join(command + (["--small"] if args.small else [])))
     else:
         from affectkit.data.synthetic_conversation import write_synthetic_conversations
 
-        write_synthetic_conversations(args.out, preset=args.preset, seed=args.seed)
+        write_synthetic_conversations(args.out, preset=args.preset, seed=args.seed,
+                                      command=shlex.join(command + ["--preset", args.preset]))
     print(f"wrote {args.out}")
 
 
@@ -160,10 +165,21 @@ def cmd_study(args: argparse.Namespace) -> None:
     from affectkit.studies import run_study
 
     result = run_study(args.config, data=args.data, seeds=args.seeds, workers=args.workers, out=args.out,
-                       overrides=args.set or [])
+                       overrides=args.set or [], threads=args.threads, engine=args.engine, address=args.address,
+                       devices=args.devices, gpus_per_run=args.gpus_per_run)
     print(result.report())
     if result.failures:
         raise AffectkitError(f"{len(result.failures)} run(s) failed; rerun the same command to retry them")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Search a sweep file's ranges (resumable), write its tables and plots, test the best config once."""
+    from affectkit.sweep import run_sweep
+
+    result = run_sweep(args.config, data=args.data, trials=args.trials, out=args.out, storage=args.storage,
+                       overrides=args.set or [], engine=args.engine, address=args.address, workers=args.workers,
+                       threads=args.threads)
+    print(result.report())
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -235,7 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="parallel runs (processes); default %(default)s")
     s.add_argument("--out", help="study folder (default studies/NAME); finished runs there are skipped")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for all runs")
+    s.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine's process pool (default); ray: each run a Ray task")
+    s.add_argument("--address", help="ray: the cluster (auto or HOST:PORT; default: start a local instance)")
+    s.add_argument("--threads", type=int, help="torch threads (local) or CPUs (ray) per run")
+    s.add_argument("--devices", nargs="+", metavar="DEV", help="local: one device per worker, e.g. cuda:0 cuda:1")
+    s.add_argument("--gpus-per-run", type=float, default=1.0, help="ray: GPUs per cuda run (a fraction shares one)")
     s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser("sweep", help="search hyper-parameters with Optuna (TPE, pruning), then test the best once")
+    s.add_argument("config", help="sweep file, e.g. configs/sweeps/mosi_baseline.yaml")
+    s.add_argument("--data", help="data file (default: the base preset's data.path)")
+    s.add_argument("--trials", type=int, help="total trials (default: the sweep file's)")
+    s.add_argument("--out", help="sweep folder (default sweeps/NAME); the study there resumes")
+    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/optuna.db)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for all trials")
+    s.add_argument("--engine", choices=["local", "ray"], default="local")
+    s.add_argument("--address", help="ray: the cluster (auto or HOST:PORT; default: start a local instance)")
+    s.add_argument("--workers", type=int, help="ray: trials at a time (default: the cluster's CPUs / CPUs per trial)")
+    s.add_argument("--threads", type=int, help="torch threads (local) or CPUs (ray) per trial")
+    s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("features", help="turn real transcripts into the conversation feature layout")
     s.add_argument("kind", choices=["text"])
     s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from affectkit.data.provenance import marker_of
 from affectkit.errors import ConfigError, DataError
 from affectkit.safe_pickle import safe_load
 
@@ -81,6 +82,8 @@ class ConversationData:
     label_names: list[str]
     speakers: list[str | int]
     speaker_index: dict[str | int, int]
+    #: The generator's marker (:mod:`affectkit.data.provenance`) for a synthetic file; None for real data.
+    provenance: dict[str, Any] | None = None
 
     @property
     def n_speakers(self) -> int:
@@ -358,6 +361,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
         label_names=label_names,
         speakers=speakers,
         speaker_index=speaker_index,
+        provenance=marker_of(raw),
     )
 
 

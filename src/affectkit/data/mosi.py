@@ -11,11 +11,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from affectkit.data.provenance import marker_of
 from affectkit.errors import DataError
 from affectkit.safe_pickle import safe_load
 
@@ -55,6 +57,8 @@ class MosiData:
     dims: dict[str, int]
     seq_len: int
     nonfinite_replaced: dict[str, int]
+    #: The generator's marker (:mod:`affectkit.data.provenance`) for a synthetic file; None for real data.
+    provenance: dict[str, Any] | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -149,7 +153,8 @@ def load_mosi(path: str | Path, modalities: Sequence[str] | None = None) -> Mosi
             path.name,
             ", ".join(f"{m} {c}" for m, c in counted.items()),
         )
-    return MosiData(path=path, splits=splits, dims=dims, seq_len=int(seq_len or 0), nonfinite_replaced=replaced)
+    return MosiData(path=path, splits=splits, dims=dims, seq_len=int(seq_len or 0), nonfinite_replaced=replaced,
+                    provenance=marker_of(raw))
 
 
 def mosi_loader(split: MosiSplit, batch_size: int, shuffle: bool) -> DataLoader:

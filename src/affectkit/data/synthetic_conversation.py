@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from affectkit.data.provenance import MARKER_KEY, synthetic_marker
 from affectkit.errors import ConfigError
 
 __all__ = ["PRESETS", "SyntheticPreset", "write_synthetic_conversations"]
@@ -163,12 +164,14 @@ def write_synthetic_conversations(
     seed: int,
     n_dialogues: Mapping[str, int] | None = None,
     dims: Mapping[str, int] | None = None,
+    command: str | None = None,
 ) -> None:
     """Write a synthetic conversation pickle (COGMEN/CORECT layout plus ``label_names``/``speakers``).
 
     ``preset`` is one of :data:`PRESETS` (iemocap6, iemocap4, mosei2); ``n_dialogues`` overrides the
     preset's dialogue count per split; ``dims`` its feature sizes (small ones make fast tests).
-    The same seed gives the same arrays.
+    The same seed gives the same arrays. The file carries the generator's provenance marker (``command``
+    that made it, preset, seed) under one extra top-level key.
     """
     if preset not in PRESETS:
         raise ConfigError(f"unknown synthetic preset {preset!r}; valid: {', '.join(PRESETS)}")
@@ -196,6 +199,9 @@ def write_synthetic_conversations(
             spk_dirs[m][:] = 0.0  # words do not carry the speaker's voice or face
 
     data: dict[str, Any] = {"label_names": list(p.label_names), "speakers": list(p.speakers)}
+    data[MARKER_KEY] = synthetic_marker(
+        "conversation", seed, command or f"affectkit make-synthetic conversation OUT --preset {preset} --seed {seed}",
+        preset=preset, n_dialogues=dict(n_dialogues) if n_dialogues else None, dims=dict(dims) if dims else None)
     lo, hi = p.length_range
     for split in _SPLITS:
         n = counts[split]

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from affectkit.data.provenance import MARKER_KEY, synthetic_marker
 
 REAL_SIZES: dict[str, int] = {"train": 1284, "valid": 229, "test": 686}
 REAL_DIMS: dict[str, int] = {"vision": 35, "text": 300, "audio": 74}
@@ -57,10 +60,13 @@ def make_synthetic_mosi(
     return out
 
 
-def write_synthetic_mosi(path: str | Path, seed: int = 0, **kwargs: object) -> Path:
-    """Write :func:`make_synthetic_mosi` to ``path`` as a pickle of numpy arrays and dicts only."""
+def write_synthetic_mosi(path: str | Path, seed: int = 0, command: str | None = None, **kwargs: Any) -> Path:
+    """Write :func:`make_synthetic_mosi` to ``path`` as a pickle of numpy arrays and dicts only, with the
+    generator's provenance marker (``command`` that made it, seed, settings) under one extra top-level key."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = dict(make_synthetic_mosi(seed, **kwargs))
+    data[MARKER_KEY] = synthetic_marker("mosi", seed, command, **kwargs)
     with path.open("wb") as f:
-        pickle.dump(make_synthetic_mosi(seed, **kwargs), f, protocol=4)
+        pickle.dump(data, f, protocol=4)
     return path
