@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("affectkit")
 
 
-def _fmt(value: object) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
 
 
 def metric_table(rows: dict[str, dict[str, object]]) -> str:

@@ -87,6 +87,16 @@ def classification_metrics(
     }
 
 
+def format_number(x: Any, signed: bool = False) -> str:
+    """A metric for tables: 4 decimals (with a sign when ``signed``); ``n/a`` for None, NaN and inf; other
+    values (ints, text) as they are."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:+.4f}" if signed else f"{x:.4f}"
+    return str(x)
+
+
 def is_better(metric: str, value: float, best: float | None) -> bool:
     """Strict improvement in the metric's direction; NaN never improves."""
     if value is None or math.isnan(value):

@@ -17,7 +17,7 @@ from typing import Any
 from affectkit import __version__
 from affectkit.config import config_from_dict
 from affectkit.data.provenance import describe_marker, file_sha256, read_marker
-from affectkit.metrics import LOWER_IS_BETTER
+from affectkit.metrics import LOWER_IS_BETTER, format_number as _fmt
 from affectkit.studies.spec import Study, run_dir
 
 #: The file each run folder gets beside the trainer's: the sha256 of the data file the run trained on.
@@ -183,10 +183,29 @@ def describe_data(path: str | Path, sha256: str | None = None) -> str:
     return f"{text}: {words}, not real data" if words else text
 
 
-def _fmt(x: float, signed: bool = False) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
+def last_epoch_runs(rows: list[dict[str, Any]]) -> list[str]:
+    """``variant/seedN`` of every run that selected its last allowed epoch (it may not have converged)."""
+    return [f"{r['variant']}/seed{r['seed']}" for r in rows
+            if r.get("max_epochs") and r.get("best_epoch") is not None
+            and int(r["best_epoch"]) >= int(r["max_epochs"])]
+
+
+def stopping_line(rows: list[dict[str, Any]]) -> str:
+    """How the runs ended: epochs allowed and run, early stops, and a flag on any run that selected its last
+    allowed epoch (measured before convergence)."""
+    known = [r for r in rows if r.get("max_epochs") and r.get("epochs_run")]
+    if not known:
+        return "- Epochs: not recorded (runs from before early stopping)."
+    caps = sorted({int(r["max_epochs"]) for r in known})
+    early = sum(1 for r in known if int(r["epochs_run"]) < int(r["max_epochs"]))
+    line = (f"- Epochs: at most {'/'.join(map(str, caps))}; {early} of {len(known)} runs stopped early "
+            "(train.patience).")
+    flagged = last_epoch_runs(known)
+    if flagged:
+        line += (f" **Selected their last allowed epoch (may not have converged): {', '.join(flagged)}.**")
+    else:
+        line += " No run selected its last allowed epoch."
+    return line
 
 
 def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, command: str,
@@ -203,11 +222,13 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
              f"- Command: `{command}`",
              f"- Seeds: {', '.join(map(str, seeds))}; epoch selected on valid {select}; "
              "test evaluated once per run.",
+             stopping_line(rows),
              f"- Written {datetime.now():%Y-%m-%d %H:%M} by affectkit {__version__}.", "",
              "## Test metrics: mean ± std over seeds", "",
              f"↓ = lower is better. n = seeds finished. valid {select} is the selection metric. "
              "The test loss is in results.csv only (variants may train on different losses).", ""]
-    head = ["variant", "n", *[f"{m}{arrow[m]}" for m in metrics], f"valid {select}", "train s", "params"]
+    head = ["variant", "n", *[f"{m}{arrow[m]}" for m in metrics], f"valid {select}", "epoch (best / run)",
+            "train s", "params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
         cells = [f"**{v}**" if v == baseline else v, str(len(_per_seed(rows, v, "seed")))]
@@ -216,6 +237,9 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
             cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
         mean, std, _ = mean_std(_per_seed(rows, v, f"valid_{select}").values())
         cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
+        best = mean_std(_per_seed(rows, v, "best_epoch").values())[0]
+        ran = mean_std(_per_seed(rows, v, "epochs_run").values())[0]
+        cells.append(" / ".join(f"{x:.1f}" if math.isfinite(x) else "n/a" for x in (best, ran)))
         secs = mean_std(_per_seed(rows, v, "train_seconds").values())[0]
         params = next((r.get("n_params") for r in rows if r["variant"] == v), None)
         cells += [f"{secs:.0f}" if math.isfinite(secs) else "n/a", str(params)]
