@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from affectkit.config import RunConfig
+from affectkit.config import RunConfig, config_from_dict
 from affectkit.data.provenance import file_sha256
 from affectkit.errors import ConfigError
 from affectkit.studies.engines import LocalEngine, RayEngine, RunOutcome, clean_incoming
@@ -73,7 +73,15 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
             log.warning("%s: trained on other data (sha256 %s, now %s); running it again", folder,
                         (had or "not recorded")[:12], data_sha256[:12])
             return False
-    old, new = flatten_overrides(stored), flatten_overrides(cfg.to_dict())
+    # Compare what the runs train with: the task's defaults filled in on both sides (a stored config is resolved).
+    from affectkit.train import resolve_config
+
+    try:
+        stored = resolve_config(config_from_dict(stored))[0].to_dict()
+        new_cfg = resolve_config(cfg)[0]
+    except ConfigError:
+        return False
+    old, new = flatten_overrides(stored), flatten_overrides(new_cfg.to_dict())
     changed = [k for k in old.keys() & new.keys() if k not in NO_EFFECT_KEYS and old[k] != new[k]]
     if changed:
         log.warning("%s: config changed since it ran (%s); running it again", folder,
