@@ -247,3 +247,27 @@ def test_engine_options_are_checked(tmp_path, data_file, capsys):
     assert main(["study", str(study), "--data", str(data_file), "--engine", "local", "--address", "auto"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--address is for --engine ray" in err
+
+
+def test_resume_compares_resolved_configs(tmp_path, count_runs):
+    """A preset that leaves select/loss/scheduler to the task: the saved config has them filled in, and a
+    rerun must still see the finished runs as done (not as 'changed' from None to the task's default)."""
+    from affectkit.data.synthetic_conversation import write_synthetic_conversations
+
+    data = tmp_path / "conv.pkl"
+    write_synthetic_conversations(data, preset="iemocap4", seed=0, n_dialogues={"train": 8, "dev": 3, "test": 3},
+                                  dims={"text": 6, "audio": 3, "visual": 4})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "conv", "base": str(ROOT / "configs" / "utterance_mlp.yaml"),
+                                     "seeds": [1], "variants": {"mlp": {}},
+                                     "common": {"train.epochs": 1, "train.tensorboard": False,
+                                                "model.hidden": 8}}))
+    assert load_study(study).variants["mlp"].raw["train"].get("select") is None
+    out = tmp_path / "out"
+    run_study(study, data=data, out=out, progress=False, threads=1)
+    assert count_runs == [("mlp", 1)]
+    saved = yaml.safe_load((out / "runs" / "mlp" / "seed1" / "config.yaml").read_text())
+    assert saved["train"]["select"] == "F1_weighted"
+    count_runs.clear()
+    result = run_study(study, data=data, out=out, progress=False, threads=1)
+    assert count_runs == [] and result.skipped == 1
