@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,20 @@ def load_reference_encoder(ref: Mapping[str, Any] | None, cache_dir: str | Path 
     return SentenceEncoder(cache_dir, encoder=where, expected_sha256=str(ref["sha256"]))
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" bar (ours are the bars that matter)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def mean_pool(hidden: Any, mask: Any) -> Any:
     """Mean of the token vectors where ``mask`` is 1 (sentence-transformers' mean pooling)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -153,8 +168,9 @@ class LocalEncoder:
         self.max_length = int(self.info["max_length"])
         self.device = device
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-            self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
+            with quiet_loading():
+                self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+                self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as exc:
             raise DataError(f"could not load the encoder in {self.folder} ({exc})") from None
         self.tokenizer.truncation_side = self.recipe.truncation_side

@@ -40,6 +40,7 @@ from affectkit.features.encoder_ref import (
     SUMMARY_FILE,
     encoder_sha256,
     mean_pool,
+    quiet_loading,
 )
 from affectkit.features.inputs import InputRecipe, dialogue_inputs
 from affectkit.metrics import classification_metrics
@@ -246,8 +247,9 @@ def finetune_text(
     ckpt_dir = out / CHECKPOINTS
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        encoder = AutoModel.from_pretrained(base, local_files_only=True)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+            encoder = AutoModel.from_pretrained(base, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DataError(f"could not load the base encoder {base} ({exc})") from None
     tokenizer.truncation_side = cfg.recipe.truncation_side
@@ -277,6 +279,10 @@ def finetune_text(
     trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["dev"],
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
                       callbacks=[_epoch_timer(ckpt_dir / EPOCHS_FILE), *callbacks])
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # with the bar off it would print every log dict
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -288,8 +294,10 @@ def finetune_text(
         scores[split] = {k: m[k] for k in ("F1_weighted", "F1_macro", "Acc", "F1_per_class")}
     losses = {round(e["epoch"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
     history = [
-        {"epoch": round(e["epoch"]), "train_loss": losses.get(round(e["epoch"])), "dev_F1_weighted": e["eval_F1_weighted"]}
-        for e in trainer.state.log_history if "eval_F1_weighted" in e
+        {"epoch": round(e["epoch"]), "train_loss": losses.get(round(e["epoch"])),
+         "dev_F1_weighted": e["eval_F1_weighted"]}
+        for e in trainer.state.log_history
+        if "eval_F1_weighted" in e
     ]
     epochs = [json.loads(line) for line in (ckpt_dir / EPOCHS_FILE).read_text().splitlines()]
     best_epoch = max(history, key=lambda h: h["dev_F1_weighted"])["epoch"] if history else None
@@ -325,8 +333,10 @@ def load_classifier(folder: str | Path) -> tuple[EncoderClassifier, Any, dict[st
 
     folder = Path(folder)
     info = read_encoder_info(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
     tokenizer.truncation_side = InputRecipe.from_dict(info["recipe"]).truncation_side
-    model = EncoderClassifier(AutoModel.from_pretrained(folder, local_files_only=True), len(info["label_names"]))
+    model = EncoderClassifier(encoder, len(info["label_names"]))
     model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
     return model.eval(), tokenizer, info
