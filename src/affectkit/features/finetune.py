@@ -181,16 +181,18 @@ def _prepare_out(out: Path, record: dict[str, Any]) -> Path | None:
 
 
 def _epoch_timer(path: Path) -> Any:
-    """A Trainer callback appending ``{"epoch", "seconds"}`` per finished epoch to ``path``."""
+    """A Trainer callback appending ``{"epoch", "seconds", "cpu_seconds"}`` per finished training epoch
+    (dev evaluation and checkpointing not included) to ``path``."""
     from transformers import TrainerCallback
 
     class EpochTimer(TrainerCallback):
         def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
             with path.open("a") as f:
-                f.write(json.dumps({"epoch": round(state.epoch), "seconds": time.perf_counter() - self.start}) + "\n")
+                f.write(json.dumps({"epoch": round(state.epoch), "seconds": wall, "cpu_seconds": cpu}) + "\n")
 
     return EpochTimer()
 
@@ -314,7 +316,7 @@ def finetune_text(
     summary = {
         **info, "encoder_sha256": encoder_sha256(out), "best_epoch": best_epoch, "history": history,
         "dev": scores["dev"], "test": scores["test"], "utterances": {s: len(sets[s]) for s in SPLITS},
-        "epoch_seconds": seconds,
+        "epoch_seconds": seconds, "epoch_cpu_seconds": [e.get("cpu_seconds") for e in epochs],
         "train_utterances_per_second": n_train / float(np.median(seconds)) if seconds else None,
         "seconds": time.perf_counter() - start, "resumed": resume is not None,
         "threads": torch.get_num_threads(),
