@@ -39,6 +39,8 @@ pytest.importorskip("accelerate")
 from affectkit.features.finetune import (  # noqa: E402
     FinetuneConfig,
     _class_weight,
+    crossfit_folds,
+    finetune_crossfit,
     finetune_text,
     load_classifier,
     split_inputs,
@@ -289,6 +291,39 @@ def test_stream_style_embedding_uses_past_turns(encoder, tmp_path):
     live = np.stack([enc.embed_dialogue(SPK[: i + 1], SEN[: i + 1])[-1] for i in range(len(SEN))])
     np.testing.assert_allclose(live, whole, atol=1e-6)
     assert not np.allclose(whole[1], enc.embed(["F: you again"])[0])  # context changes the vector
+
+
+def test_crossfit_folds_hand_computed():
+    assert crossfit_folds(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
+    with pytest.raises(ConfigError, match="crossfit"):
+        crossfit_folds(["a", "b"], 3)
+
+
+def test_crossfit_features_take_train_vectors_from_the_fold_that_held_them_out(tiny, tmp_path):
+    from affectkit.features.text import build_text_features
+
+    cfg = FinetuneConfig(**{**FAST, "epochs": 2})
+    main_dir = tmp_path / "enc"
+    finetune_text("iemocap", tiny["data"], main_dir, cfg, progress=False, base=tiny["base"], threads=1)
+    sha = encoder_sha256(main_dir)
+    with pytest.raises(ConfigError, match="no cross-fitting folds"):
+        build_text_features("iemocap", tiny["data"], tmp_path / "x.pkl", cache_dir=tmp_path, progress=False,
+                            encoder=main_dir, crossfit=True)
+    folds = finetune_crossfit("iemocap", tiny["data"], main_dir, 2, cfg, progress=False, base=tiny["base"],
+                              threads=1)
+    assert encoder_sha256(main_dir) == sha  # fold encoders are not part of the main encoder
+    assert [f["utterances"]["train"] for f in folds] == [75, 75]  # 15 of 30 dialogues of 5 turns each
+    assert finetune_crossfit("iemocap", tiny["data"], main_dir, 2, cfg, progress=False,
+                             base=tiny["base"]) == folds  # finished folds are not retrained
+    summary = build_text_features("iemocap", tiny["data"], tmp_path / "f.pkl", cache_dir=tmp_path,
+                                  progress=False, encoder=main_dir, crossfit=True)
+    layout = safe_load(tmp_path / "f.pkl")
+    assert summary["crossfit_folds"] == 2 and len(layout["meta"]["crossfit"]) == 2
+    assert encoder_reference(layout["meta"])["sha256"] == sha  # live sessions load the main encoder
+    d0, d1, dev = layout["train"][0], layout["train"][1], layout["dev"][0]  # fold 0, fold 1, dev
+    for d, folder in ((d0, main_dir / "folds" / "0"), (d1, main_dir / "folds" / "1"), (dev, main_dir)):
+        np.testing.assert_allclose(d["text"], LocalEncoder(folder).encode(d["sentence"]), atol=1e-5)
+    assert not np.allclose(d0["text"], LocalEncoder(main_dir).encode(d0["sentence"]), atol=1e-3)
 
 
 # --- command line ------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from affectkit.features.inputs import InputRecipe
 ENCODER_FILE = "affectkit_encoder.json"
 SUMMARY_FILE = "training_summary.json"
 CHECKPOINTS = "checkpoints"
+#: Cross-fitting fold encoders live in ``folds/<f>/`` with the split in ``folds/folds.json``.
+FOLDS = "folds"
+FOLDS_FILE = "folds.json"
 _NOT_HASHED = {SUMMARY_FILE}
 
 
@@ -39,12 +42,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def encoder_files(folder: str | Path) -> list[Path]:
-    """The files that define the encoder, sorted by relative path (no summary, no checkpoints)."""
+    """The files that define the encoder, sorted by relative path (no summary, checkpoints or folds)."""
     folder = Path(folder)
     files = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if path.is_file() and rel.parts[0] != CHECKPOINTS and rel.name not in _NOT_HASHED:
+        if path.is_file() and rel.parts[0] not in (CHECKPOINTS, FOLDS) and rel.name not in _NOT_HASHED:
             files.append(rel)
     return sorted(files, key=lambda p: p.as_posix())
 

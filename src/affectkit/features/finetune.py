@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from affectkit.errors import ConfigError, DataError
 from affectkit.features.encoder_ref import (
     CHECKPOINTS,
     ENCODER_FILE,
+    FOLDS,
+    FOLDS_FILE,
     SUMMARY_FILE,
     encoder_sha256,
     mean_pool,
@@ -155,8 +157,10 @@ def _class_weight(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _run_record(dataset: str, data_hash: str, base_hash: str, cfg: FinetuneConfig) -> dict[str, Any]:
-    return {"dataset": dataset, "data_sha256": data_hash, "base_sha256": base_hash, "config": asdict(cfg)}
+def _run_record(dataset: str, data_hash: str, base_hash: str, cfg: FinetuneConfig,
+                held_out: list[str]) -> dict[str, Any]:
+    return {"dataset": dataset, "data_sha256": data_hash, "base_sha256": base_hash, "config": asdict(cfg),
+            "held_out_train": held_out}
 
 
 def _prepare_out(out: Path, record: dict[str, Any]) -> Path | None:
@@ -222,12 +226,14 @@ def finetune_text(
     base: str | Path | None = None,
     threads: int | None = None,
     callbacks: Sequence[Any] = (),
+    held_out: Collection[str] = (),
 ) -> dict[str, Any]:
     """Fine-tune ``base`` (default: the shipped all-MiniLM-L6-v2) on ``dataset``'s train split; write ``out_dir``.
 
     Selects the epoch on dev weighted F1 and reports dev and test scores of the classifier itself (no
     conversation model).  Resumes an interrupted run in ``out_dir`` when the settings and data match.
-    ``threads`` sets torch's intra-op threads; ``callbacks`` are extra Trainer callbacks.  Returns the
+    ``threads`` sets torch's intra-op threads; ``callbacks`` are extra Trainer callbacks; ``held_out``
+    names train dialogues (vids) left out of training (a cross-fitting fold).  Returns the
     training summary (also written to ``training_summary.json``).
     """
     cfg = cfg or FinetuneConfig()
@@ -242,9 +248,12 @@ def finetune_text(
     out = Path(out_dir)
     base = Path(base) if base is not None else shipped_encoder_dir()
     data = load_cosmic(dataset, source)
+    held = sorted(set(held_out))
+    if held:
+        data.splits["train"] = [d for d in data.splits["train"] if d["vid"] not in set(held)]
     n_classes = len(data.label_names)
     data_hash = data_sha256(dataset, source)
-    record = _run_record(data.dataset, data_hash, encoder_sha256(base), cfg)
+    record = _run_record(data.dataset, data_hash, encoder_sha256(base), cfg, held)
     resume = _prepare_out(out, record)
     ckpt_dir = out / CHECKPOINTS
 
@@ -308,7 +317,7 @@ def finetune_text(
         "format": 1, "base": "all-MiniLM-L6-v2" if base == shipped_encoder_dir() else base.name,
         "dim": int(encoder.config.hidden_size), "max_length": cfg.max_length, "recipe": cfg.recipe.to_dict(),
         "dataset": data.dataset, "label_names": list(data.label_names), "data_sha256": data_hash,
-        "config": asdict(cfg),
+        "config": asdict(cfg), "held_out_train": held,
     }
     _write_encoder(out, model, tokenizer, base, info, cfg.max_length)
     seconds = [e["seconds"] for e in epochs]
@@ -324,6 +333,41 @@ def finetune_text(
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
+
+
+def crossfit_folds(train_vids: Sequence[str], k: int) -> list[list[str]]:
+    """Split train dialogues into ``k`` folds, dialogue ``i`` into fold ``i % k`` (file order)."""
+    if not 2 <= k <= len(train_vids):
+        raise ConfigError(f"crossfit needs 2 <= K <= {len(train_vids)} (train dialogues), got {k}")
+    return [[v for i, v in enumerate(train_vids) if i % k == f] for f in range(k)]
+
+
+def finetune_crossfit(dataset: str, source: str | Path, out_dir: str | Path, k: int,
+                      cfg: FinetuneConfig | None = None, progress: bool = True, base: str | Path | None = None,
+                      threads: int | None = None) -> list[dict[str, Any]]:
+    """Train the ``k`` fold encoders of ``out_dir`` (``folds/<f>``, each without train fold ``f``).
+
+    ``features text --encoder OUT_DIR --crossfit`` then takes each train dialogue's vectors from the
+    encoder that never saw it.  Finished folds are skipped, so rerunning resumes.  Returns the summaries.
+    """
+    data = load_cosmic(dataset, source)
+    folds = crossfit_folds([d["vid"] for d in data.splits["train"]], k)
+    root = Path(out_dir) / FOLDS
+    root.mkdir(parents=True, exist_ok=True)
+    plan = {"k": k, "folds": folds}
+    plan_file = root / FOLDS_FILE
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        raise ConfigError(f"{root} holds folds of another split (K or data differ); choose another OUT_DIR")
+    plan_file.write_text(json.dumps(plan))
+    summaries = []
+    for f, vids in enumerate(folds):
+        fold_dir = root / str(f)
+        if (fold_dir / SUMMARY_FILE).is_file():
+            summaries.append(json.loads((fold_dir / SUMMARY_FILE).read_text()))
+            continue
+        log.info("cross-fitting: fold %d of %d (%d train dialogues held out)", f + 1, k, len(vids))
+        summaries.append(finetune_text(dataset, source, fold_dir, cfg, progress, base, threads, held_out=vids))
+    return summaries
 
 
 def load_classifier(folder: str | Path) -> tuple[EncoderClassifier, Any, dict[str, Any]]:

@@ -15,6 +15,7 @@ cache key and model input are.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -288,6 +289,29 @@ def get_encoder(cache_dir: str | Path | None = None, batch_size: int = 64,
     return _encoders[key]
 
 
+def _fold_encoders(encoder: str | Path | None, train: Sequence[Any], cache_dir: str | Path | None,
+                   batch_size: int) -> dict[str, SentenceEncoder]:
+    """Train vid -> the encoder of the cross-fitting fold that held it out (all folds must be finished)."""
+    from affectkit.features.encoder_ref import FOLDS, FOLDS_FILE, SUMMARY_FILE
+
+    if encoder is None:
+        raise ConfigError("crossfit needs --encoder DIR (a finetune-text folder trained with --crossfit K)")
+    root = Path(encoder) / FOLDS
+    if not (root / FOLDS_FILE).is_file():
+        raise ConfigError(f"{encoder} has no cross-fitting folds; run finetune-text with --crossfit K first")
+    plan = json.loads((root / FOLDS_FILE).read_text())
+    owner: dict[str, SentenceEncoder] = {}
+    for f, vids in enumerate(plan["folds"]):
+        if not (root / str(f) / SUMMARY_FILE).is_file():
+            raise ConfigError(f"fold {f} of {encoder} is not finished; rerun finetune-text with --crossfit")
+        e = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=root / str(f))
+        owner.update({v: e for v in vids})
+    missing = [d["vid"] for d in train if d["vid"] not in owner]
+    if missing:
+        raise ConfigError(f"{len(missing)} train dialogues (e.g. {missing[0]}) are in no fold of {encoder}")
+    return owner
+
+
 def build_text_features(
     dataset: str,
     source: Path,
@@ -296,6 +320,7 @@ def build_text_features(
     batch_size: int = 64,
     progress: bool = True,
     encoder: str | Path | None = None,
+    crossfit: bool = False,
 ) -> dict[str, Any]:
     """Embed every sentence of a COSMIC dataset and write the conversation-layout pickle ``out``.
 
@@ -304,41 +329,49 @@ def build_text_features(
     each dialogue ``{"vid", "speakers", "labels", "text": float32 (N, 384), "sentence"}``: plain containers
     and numpy arrays only, so ``affectkit.safe_pickle.safe_load`` reads it.  Returns a summary dict.
     ``encoder`` (a ``finetune-text`` folder) replaces the shipped model; ``meta["encoder_ref"]`` then
-    records it (folder and content hash) for checkpoints trained on the file.
+    records it (folder and content hash) for checkpoints trained on the file.  ``crossfit`` takes each
+    train dialogue's vectors from the fold encoder (``finetune-text --crossfit K``) that was trained
+    without it; dev and test vectors always come from ``encoder`` itself.
     """
     start = time.perf_counter()
     data = load_cosmic(dataset, source)
     enc = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=encoder)
-    sentences = [
-        s
-        for split in SPLITS
-        for d in data.splits[split]
-        for s in dialogue_inputs(d["speakers"], d["sentences"], enc.recipe)
-    ]
-    vectors = enc.embed(sentences, progress=progress)
+    owner: dict[str, SentenceEncoder] = {}  # train vid -> its fold encoder when cross-fitting
+    if crossfit:
+        owner = _fold_encoders(encoder, data.splits["train"], cache_dir, batch_size)
+    jobs: dict[int, tuple[SentenceEncoder, list[str]]] = {id(enc): (enc, [])}
+    for e in owner.values():
+        jobs.setdefault(id(e), (e, []))
+    for split in SPLITS:
+        for d in data.splits[split]:
+            e = owner.get(d["vid"], enc) if split == "train" else enc
+            jobs[id(e)][1].extend(dialogue_inputs(d["speakers"], d["sentences"], e.recipe))
+    rows = {key: iter(e.embed(texts, progress=progress)) for key, (e, texts) in jobs.items()}
+    sentences = [t for _, texts in jobs.values() for t in texts]
 
     layout: dict[str, Any] = {}
-    row = 0
     for split in SPLITS:
         dialogues = []
         for d in data.splits[split]:
-            n = len(d["sentences"])
+            e = owner.get(d["vid"], enc) if split == "train" else enc
+            vectors = np.stack([next(rows[id(e)]) for _ in d["sentences"]]).astype(np.float32)
             dialogues.append(
                 {
                     "vid": d["vid"],
                     "speakers": list(d["speakers"]),
                     "labels": list(d["labels"]),
-                    "text": np.ascontiguousarray(vectors[row : row + n]),
+                    "text": np.ascontiguousarray(vectors),
                     "sentence": list(d["sentences"]),
                 }
             )
-            row += n
         layout[split] = dialogues
     layout["label_names"] = list(data.label_names)
     layout["speakers"] = data.speaker_tags
     layout["meta"] = {"dataset": data.dataset, "encoder": enc.model_name, "dim": enc.dim, "notes": data.notes}
     if enc.ref is not None:
         layout["meta"]["encoder_ref"] = enc.ref
+    if owner:
+        layout["meta"]["crossfit"] = [e.ref for e in {id(e): e for e in owner.values()}.values()]
 
     out = Path(out)
     _atomic_write(out, lambda f: pickle.dump(layout, f, protocol=4))
@@ -351,8 +384,9 @@ def build_text_features(
         "utterances": {s: data.utterances(s) for s in SPLITS},
         "unique_sentences": len(set(sentences)),
         "encoder": enc.model_name,
-        "cached": enc.cached,
-        "embedded": enc.embedded,
+        "cached": sum(e.cached for e, _ in jobs.values()),
+        "embedded": sum(e.embedded for e, _ in jobs.values()),
+        "crossfit_folds": len({id(e) for e in owner.values()}),
         "cache_file": str(enc.cache.path),
         "seconds": round(time.perf_counter() - start, 3),
         "notes": data.notes,
