@@ -290,6 +290,10 @@ def test_stream_style_embedding_uses_past_turns(encoder, tmp_path):
     whole = enc.embed_dialogue(SPK, SEN)
     live = np.stack([enc.embed_dialogue(SPK[: i + 1], SEN[: i + 1])[-1] for i in range(len(SEN))])
     np.testing.assert_allclose(live, whole, atol=1e-6)
+    history = list(zip(SPK, SEN))
+    turns = np.stack([enc.embed_turn(history[:i], SPK[i], SEN[i], save=False) for i in range(len(SEN))])
+    np.testing.assert_allclose(turns, whole, atol=1e-6)
+    assert np.array_equal(enc.embed_turn(history[:3], "F", "go away"), enc.embed_turn(history[1:3], "F", "go away"))
     assert not np.allclose(whole[1], enc.embed(["F: you again"])[0])  # context changes the vector
 
 

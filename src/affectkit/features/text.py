@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from affectkit.data.cosmic import SPLITS, load_cosmic
 from affectkit.errors import AffectkitError, ConfigError
-from affectkit.features.inputs import InputRecipe, dialogue_inputs
+from affectkit.features.inputs import InputRecipe, dialogue_inputs, utterance_input
 
 log = logging.getLogger("affectkit")
 
@@ -200,6 +200,14 @@ class SentenceEncoder:
         if self.ref is not None:
             return _load_local(self.ref["folder"], self.ref["sha256"], self.device)
         return _load_model(self.device)
+
+    def embed_turn(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str, save: bool = True) -> np.ndarray:
+        """The vector of one new turn given earlier ``(speaker, sentence)`` turns (only the last
+        ``recipe.context`` are read, so a live session keeps a bounded history): float32 (dim,)."""
+        keep = list(past)[-self.recipe.context :] if self.recipe.context else []
+        speakers = [str(p[0]) for p in keep] + [str(speaker)]
+        sentences = [p[1] for p in keep] + [sentence]
+        return self.embed([utterance_input(speakers, sentences, len(keep), self.recipe)], save=save)[0]
 
     def embed_dialogue(self, speakers: Sequence[str], sentences: Sequence[str], progress: bool = False,
                        save: bool = True) -> np.ndarray:
