@@ -176,6 +176,15 @@ def test_local_encoder_matches_the_trained_pooling(encoder):
     assert logits.argmax(-1).tolist() == [1, 2]  # sad, neutral: the head is the one that was trained
 
 
+def test_sentence_transformers_loads_the_folder_with_the_same_vectors(encoder):
+    from sentence_transformers import SentenceTransformer
+
+    out, _ = encoder
+    texts = ["M: i am happy so F: you are sad M: stop it [SEP] F: okay fine " * 3, "F: okay"]  # > 32 tokens
+    st_vectors = SentenceTransformer(str(out), device="cpu").encode(texts)
+    np.testing.assert_allclose(st_vectors, LocalEncoder(out).encode(texts), atol=1e-5)
+
+
 def test_resume_after_interrupt_equals_uninterrupted(tiny):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
