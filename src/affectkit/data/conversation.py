@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class ConversationData:
     speaker_index: dict[str | int, int]
     #: The generator's marker (:mod:`affectkit.data.provenance`) for a synthetic file; None for real data.
     provenance: dict[str, Any] | None = None
+    #: The file's ``meta`` mapping (e.g. which text encoder built the features), {} when absent.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_speakers(self) -> int:
@@ -362,6 +364,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
         speakers=speakers,
         speaker_index=speaker_index,
         provenance=marker_of(raw),
+        meta=dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {},
     )
 
 

@@ -19,6 +19,7 @@ from affectkit.data.conversation import (
     load_conversations,
 )
 from affectkit.errors import ConfigError
+from affectkit.features.encoder_ref import encoder_reference
 from affectkit.metrics import CLASSIFICATION_METRICS, classification_metrics
 from affectkit.tasks.base import Task
 
@@ -76,7 +77,7 @@ class ConversationTask(Task):
     def info(self, data: ConversationData) -> dict[str, Any]:
         return {"dims": {m: int(data.dims[m]) for m in data.kept}, "n_classes": int(data.n_classes),
                 "label_names": list(data.label_names), "n_speakers": int(data.n_speakers),
-                "speakers": list(data.speakers)}
+                "speakers": list(data.speakers), "encoder": encoder_reference(data.meta)}
 
     def loader(self, data: ConversationData, split: str, batch_size: int, shuffle: bool) -> Any:
         key = (split, batch_size)
