@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,19 @@ def no_ray_left_behind():
     assert not ray.is_initialized()
 
 
+@contextmanager
+def ray_starts():
+    """Skip (after cleaning up) when Ray's own start-up times out: Ray waits a fixed 30 s for its raylet, which
+    a badly overloaded machine (load 15+ on 2 cores) can exceed; any other error fails the test."""
+    try:
+        yield
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+        _kill_own_ray_children()
+        pytest.skip("Ray did not start within Ray's 30 s on this overloaded machine")
+
+
 def _start_cluster():
     """A 0-CPU head and two 1-CPU worker nodes on localhost; skips (after cleaning up) if Ray's own start-up
     times out, which happens only when the machine is badly overloaded (Ray waits 30 s for a raylet)."""
@@ -107,12 +121,13 @@ def test_ray_engine_equals_local_and_resumes_after_an_interrupted_driver(tmp_pat
         seen.append(outcome)
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with ray_starts(), pytest.raises(KeyboardInterrupt):
         run_study(study, data=small_mosi, out=tmp_path / "ray", progress=False, threads=1, engine="ray",
                   on_record=interrupt)
     assert len(seen) == 1 and not ray.is_initialized()
     # ... and the same command again trains only what was not recorded
-    again = run_study(study, data=small_mosi, out=tmp_path / "ray", progress=False, threads=1, engine="ray")
+    with ray_starts():
+        again = run_study(study, data=small_mosi, out=tmp_path / "ray", progress=False, threads=1, engine="ray")
     assert again.skipped == 1 and len(again.ran) == 3 and not again.failures
     assert (seen[0].variant, seen[0].seed) not in {(o.variant, o.seed) for o in again.ran}
 
@@ -135,7 +150,8 @@ def test_a_study_survives_losing_a_node(tmp_path, small_mosi):
     """A 0-CPU head and two 1-CPU worker nodes; one worker node is removed while runs are in flight."""
     cluster, nodes = _start_cluster()
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        with ray_starts():
+            ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         removed: list[str] = []
         outcomes = []
@@ -217,7 +233,9 @@ def test_a_sweep_on_ray_prunes_through_the_driver(tmp_path, small_mosi):
         "common": {"model.hidden": 8, "train.epochs": 2, "train.tensorboard": False},
         "pruner": {"kind": "median", "startup_trials": 1, "warmup_epochs": 0},
         "params": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}))
-    res = run_sweep(path, data=small_mosi, out=tmp_path / "s", engine="ray", workers=2, threads=1, progress=False)
+    with ray_starts():
+        res = run_sweep(path, data=small_mosi, out=tmp_path / "s", engine="ray", workers=2, threads=1,
+                        progress=False)
     rows = read_trials(tmp_path / "s" / "trials.csv")
     assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
     import optuna
