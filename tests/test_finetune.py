@@ -387,3 +387,43 @@ def test_finetune_shipped_encoder_on_a_real_slice(tmp_path):
     s = finetune_text("iemocap", tmp_path / "iemocap.pkl", tmp_path / "enc",
                       FinetuneConfig(epochs=1, context=2, speaker=True, max_length=64), progress=False, threads=2)
     assert s["dim"] == 384 and s["base"] == "all-MiniLM-L6-v2" and 0 <= s["test"]["F1_weighted"] <= 1
+
+
+def test_checkpoint_carries_its_encoder_into_the_stream(encoder, tiny, tmp_path):
+    """Features from the fine-tuned encoder -> a causal CORECT checkpoint that records the encoder -> a live
+    session embeds raw text with that encoder and its recipe (speaker + past turns); a changed encoder is
+    refused in one line."""
+    from affectkit.checkpoint import read_checkpoint
+    from affectkit.config import load_config
+    from affectkit.features.text import build_text_features
+    from affectkit.stream import Stream
+    from affectkit.train import train
+
+    out, _ = encoder
+    enc_copy = tmp_path / "enc"
+    shutil.copytree(out, enc_copy, ignore=shutil.ignore_patterns("checkpoints", "folds"))
+    feats = tmp_path / "f.pkl"
+    build_text_features("iemocap", tiny["data"], feats, cache_dir=tmp_path / "cache", progress=False,
+                        encoder=enc_copy)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "corect_iemocap6_causal.yaml", [
+        "model.modalities=[text]", "model.hidden=8", "model.text_ff=16", "model.text_layers=1",
+        "model.pcm_layers=1", "model.pcm_self_layers=1", "model.graph_heads=1", "train.epochs=1",
+        "train.progress=false", "train.tensorboard=false", f"out_dir={tmp_path}"])
+    train(cfg, data_path=feats, run_dir=tmp_path / "run")
+    ckpt = tmp_path / "run" / "best.pt"
+    assert read_checkpoint(ckpt)["info"]["encoder"] == encoder_record(enc_copy)
+
+    session = Stream(ckpt)
+    ref = load_reference_encoder(encoder_record(enc_copy), cache_dir=tmp_path / "c2")
+    plain = Stream(ckpt).new_session()
+    for i, (spk, sen) in enumerate(zip(SPK, SEN)):
+        got = session.push_text(spk, sen)
+        want = plain.push(spk, text=ref.embed_turn(list(zip(SPK[:i], SEN[:i])), spk, sen, save=False))
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
+
+    (enc_copy / "model.safetensors").write_bytes((enc_copy / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(DataError, match="encoder"):
+        Stream(ckpt)
+    shutil.rmtree(enc_copy)
+    with pytest.raises(DataError, match="encoder"):
+        Stream(ckpt)

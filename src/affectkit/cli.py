@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from affectkit.errors import AffectkitError, ConfigError, DataError
+from affectkit.metrics import format_number
 
 if TYPE_CHECKING:
     from affectkit.stream import Prediction, Stream
@@ -25,7 +26,7 @@ def metric_table(rows: dict[str, dict[str, object]]) -> str:
     names = [k for k, v in next(iter(rows.values())).items() if isinstance(v, float | int) or v is None]
     width = max(len(n) for n in names) + 2
     lines = ["metric".ljust(width) + "".join(s.rjust(10) for s in rows)]
-    lines += [n.ljust(width) + "".join(_fmt(r.get(n)).rjust(10) for r in rows.values()) for n in names]
+    lines += [n.ljust(width) + "".join(format_number(r.get(n)).rjust(10) for r in rows.values()) for n in names]
     return "\n".join(lines)
 
 

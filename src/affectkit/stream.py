@@ -112,6 +112,14 @@ class StreamModel:
         self.model = model.eval()
         self.info = dict(info)
         self.embed = embed
+        #: The fine-tuned text encoder that built the training features (None = the shipped one); checked
+        #: now, so a checkpoint whose encoder is missing or changed is refused at once, in one line.
+        self.encoder_ref = info.get("encoder") if embed is None else None
+        self._encoder: Any = None
+        if self.encoder_ref is not None:
+            from affectkit.features.encoder_ref import verify_encoder
+
+            verify_encoder(self.encoder_ref)
         self.max_state_bytes, self.max_rewind = max_state_bytes, max_rewind
         self.device = next(model.parameters()).device
         self.modalities: tuple[str, ...] = tuple(model.modalities)
@@ -161,7 +169,7 @@ class StreamModel:
         """ConfigError unless raw text can be fed: the model reads text and its dim is the encoder's."""
         if "text" not in self.modalities:
             raise ConfigError(f"this checkpoint does not read text (modalities: {', '.join(self.modalities)})")
-        if self.embed is not None:
+        if self.embed is not None or self.encoder_ref is not None:
             return
         dim = _encoder_dim()
         if self.dims["text"] != dim:
@@ -170,8 +178,23 @@ class StreamModel:
                 f"(all-MiniLM-L6-v2) gives {dim}-d: it was trained on other text features; "
                 "pass them with push(text=...)")
 
+    def text_encoder(self) -> Any:
+        """The checkpoint's own fine-tuned encoder (loaded once, verified); None for the shipped encoder."""
+        if self.encoder_ref is not None and self._encoder is None:
+            from affectkit.features.encoder_ref import load_reference_encoder
+
+            self._encoder = load_reference_encoder(self.encoder_ref)
+        return self._encoder
+
     def embed_sentences(self, sentences: list[str]) -> np.ndarray:
-        """Text features of raw sentences (``embed`` if given, else :func:`embed_text`)."""
+        """Text features of lone raw sentences (``embed`` if given, the checkpoint's fine-tuned encoder when
+        its input is the utterance alone, else :func:`embed_text`)."""
+        enc = self.text_encoder()
+        if enc is not None:
+            if enc.recipe.context or enc.recipe.speaker:
+                raise ConfigError("this checkpoint's text encoder reads the speaker and past turns: embed each "
+                                  "turn in its session (Stream.push_text)")
+            return np.asarray(enc.embed(list(sentences), save=False))
         return np.asarray((self.embed or embed_text)(sentences))
 
     def prediction(self, logits: torch.Tensor, position: int) -> Prediction:
@@ -242,6 +265,9 @@ class Stream:
         """Forget the conversation: the next push is utterance 0 (and the state is freed)."""
         self._state = self.engine.new_state()
         self._names: dict[Any, tuple[int, int]] = {}  # per_dialogue: name -> (slot, first position)
+        #: (position, speaker, sentence) of the last turns pushed as text, for a fine-tuned encoder that reads
+        #: past turns (bounded: its context plus the rewind slots).
+        self._turns: list[tuple[int, str, str]] = []
 
     def new_session(self) -> Stream:
         """A new, empty, independent session on the same model."""
@@ -330,7 +356,17 @@ class Stream:
         self.speaker_slot(speaker)  # cheap checks before the encoder runs
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"sentence must be a non-empty str, got {sentence!r:.60}")
-        return self.push(speaker, text=eng.embed_sentences([sentence])[0], audio=audio, visual=visual)
+        enc = eng.text_encoder()
+        if enc is None:
+            vector = eng.embed_sentences([sentence])[0]
+        else:  # the fine-tuned encoder's own input recipe: speaker tag and past turns of this session
+            past = [(spk, text) for pos, spk, text in self._turns if pos < len(self)]
+            vector = enc.embed_turn(past, str(speaker), sentence, save=False)
+        pred = self.push(speaker, text=vector, audio=audio, visual=visual)
+        if enc is not None and enc.recipe.context:
+            self._turns = [t for t in self._turns if t[0] < pred.position][-(enc.recipe.context + eng.max_rewind):]
+            self._turns.append((pred.position, str(speaker), sentence))
+        return pred
 
 
 def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any]]) -> list[Prediction]:

@@ -21,6 +21,7 @@ from typing import Any, TypedDict
 from affectkit.data.conversation import SPLITS
 from affectkit.errors import DataError
 from affectkit.safe_pickle import safe_load
+
 DATASETS: tuple[str, ...] = ("iemocap", "iemocap4", "meld")
 
 #: IEMOCAP's usual abbreviations (happy, sad, neutral, angry, excited, frustrated), as the presets name them.

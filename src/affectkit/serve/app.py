@@ -140,7 +140,7 @@ class Service:
         self.labels = list(self.base.label_names)
         tags = info.get("speakers")
         self.tags = list(tags) if tags else list(range(int(info.get("n_speakers", 1))))
-        self.embed = _text_embedder(self.dims, embed)
+        self.embed = _text_embedder(self.dims, embed, self.base.engine)
         self.store = Store(store_path)
         self.pool = SessionPool(self.base, self.store, self.tags, self.embed, settings.idle_evict_s,
                                 settings.max_live_sessions)
@@ -193,12 +193,20 @@ def _load(source: Any) -> tuple[Any, dict[str, Any]]:
     return model, info
 
 
-def _text_embedder(dims: dict[str, int], embed: Any) -> Any:
-    """The raw-sentence embedder, or None when the model cannot take raw text."""
+def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
+    """The raw-sentence embedder, or None when the model cannot take raw text. A checkpoint trained on a
+    fine-tuned encoder's features gets that encoder (verified when the engine was built); one whose encoder
+    reads past turns is refused here, since the service embeds sentences of many sessions in one batch."""
     if "text" not in dims:
         return None
     if embed is not None:
         return embed
+    enc = engine.text_encoder() if engine is not None else None
+    if enc is not None:
+        if enc.recipe.context or enc.recipe.speaker:
+            raise ConfigError("this checkpoint's text encoder reads the speaker and past turns; the service "
+                              "embeds lone sentences: fine-tune the encoder on the utterance alone to serve it")
+        return engine.embed_sentences
     try:
         from affectkit.features import text as text_features
     except ImportError:

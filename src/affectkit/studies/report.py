@@ -17,7 +17,7 @@ from typing import Any
 from affectkit import __version__
 from affectkit.config import config_from_dict
 from affectkit.data.provenance import describe_marker, file_sha256, read_marker
-from affectkit.metrics import LOWER_IS_BETTER, format_number as _fmt
+from affectkit.metrics import LOWER_IS_BETTER, format_number
 from affectkit.studies.spec import Study, run_dir
 
 #: The file each run folder gets beside the trainer's: the sha256 of the data file the run trained on.
@@ -234,9 +234,9 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
         cells = [f"**{v}**" if v == baseline else v, str(len(_per_seed(rows, v, "seed")))]
         for m in metrics:
             mean, std, _ = mean_std(_per_seed(rows, v, f"test_{m}").values())
-            cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
+            cells.append(f"{format_number(mean)} ± {format_number(std)}")
         mean, std, _ = mean_std(_per_seed(rows, v, f"valid_{select}").values())
-        cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
+        cells.append(f"{format_number(mean)} ± {format_number(std)}")
         best = mean_std(_per_seed(rows, v, "best_epoch").values())[0]
         ran = mean_std(_per_seed(rows, v, "epochs_run").values())[0]
         cells.append(" / ".join(f"{x:.1f}" if math.isfinite(x) else "n/a" for x in (best, ran)))
@@ -260,9 +260,9 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
             if d.n == 0:
                 cells.append("n/a")
             elif d.n == 1:
-                cells.append(_fmt(d.mean, True))
+                cells.append(format_number(d.mean, True))
             else:
-                cells.append(f"{_fmt(d.mean, True)} [{_fmt(d.lo, True)}, {_fmt(d.hi, True)}]"
+                cells.append(f"{format_number(d.mean, True)} [{format_number(d.lo, True)}, {format_number(d.hi, True)}]"
                              + ("\\*" if d.excludes_zero else ""))
         lines.append("| " + " | ".join([cells[0], str(n), *cells[1:]]) + " |")
     if overrides is not None:
