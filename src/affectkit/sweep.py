@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import socket
 import time
 import warnings
@@ -49,6 +48,7 @@ from affectkit.errors import ConfigError
 from affectkit.metrics import LOWER_IS_BETTER
 from affectkit.studies.engines import PruneRun, RayEngine, RunOutcome, available_cores, execute_run, install_folder
 from affectkit.studies.report import describe_data
+from affectkit.studies.run import command_line
 from affectkit.studies.spec import flatten_overrides
 
 log = logging.getLogger("affectkit")
@@ -568,15 +568,7 @@ def sweep_command(path: str | Path, data: str | Path | None, trials: int | None,
         parts += ["--data", str(data)]
     if trials is not None:
         parts += ["--trials", str(trials)]
-    for o in overrides or []:
-        parts += ["--set", o]
-    if engine != "local":
-        parts += ["--engine", engine]
-    if address:
-        parts += ["--address", address]
-    if out is not None:
-        parts += ["--out", str(out)]
-    return shlex.join(parts)
+    return command_line(parts, overrides, engine, address, out)
 
 
 def run_sweep(path: str | Path, data: str | Path | None = None, trials: int | None = None,

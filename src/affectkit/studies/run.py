@@ -98,10 +98,16 @@ def study_command(path: str | Path, data: str | Path | None, seeds: Sequence[int
         parts += ["--data", str(data)]
     if seeds:
         parts += ["--seeds", *map(str, seeds)]
-    for o in overrides or []:
-        parts += ["--set", o]
     if workers != 1:
         parts += ["--workers", str(workers)]
+    return command_line(parts, overrides, engine, address, out)
+
+
+def command_line(parts: list[str], overrides: Sequence[str] | None, engine: str, address: str | None,
+                 out: str | Path | None) -> str:
+    """``parts`` plus the options every study-like command shares, quoted for a shell."""
+    for o in overrides or []:
+        parts += ["--set", o]
     if engine != "local":
         parts += ["--engine", engine]
     if address:
