@@ -186,12 +186,19 @@ class StreamModel:
             self._encoder = load_reference_encoder(self.encoder_ref)
         return self._encoder
 
+    @property
+    def encoder_reads_turns(self) -> bool:
+        """Whether the checkpoint's fine-tuned encoder reads the speaker tag or past turns (so a lone sentence
+        cannot be embedded without its session)."""
+        enc = self.text_encoder()
+        return enc is not None and bool(enc.recipe.context or enc.recipe.speaker)
+
     def embed_sentences(self, sentences: list[str]) -> np.ndarray:
         """Text features of lone raw sentences (``embed`` if given, the checkpoint's fine-tuned encoder when
         its input is the utterance alone, else :func:`embed_text`)."""
         enc = self.text_encoder()
         if enc is not None:
-            if enc.recipe.context or enc.recipe.speaker:
+            if self.encoder_reads_turns:
                 raise ConfigError("this checkpoint's text encoder reads the speaker and past turns: embed each "
                                   "turn in its session (Stream.push_text)")
             return np.asarray(enc.embed(list(sentences), save=False))

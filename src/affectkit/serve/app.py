@@ -169,13 +169,18 @@ class Service:
         return True
 
     def authorize(self, session_id: str, token: str | None) -> int:
-        """0 if ``token`` opens ``session_id``, else the HTTP status: 404 unknown, 401 none, 403 wrong."""
+        """0 if ``token`` opens ``session_id``, else the HTTP status: 404 unknown, 401 none, 403 wrong (every
+        refusal is counted as an ``auth`` error)."""
         row = self.store.session(session_id) if _plausible_id(session_id) else None
         if row is None:
-            return 404
-        if not token:
-            return 401
-        return 0 if hmac.compare_digest(row.token_sha256, token_digest(token)) else 403
+            status = 404
+        elif not token:
+            status = 401
+        else:
+            status = 0 if hmac.compare_digest(row.token_sha256, token_digest(token)) else 403
+        if status:
+            self.metrics.errors.labels("auth").inc()
+        return status
 
     async def sweeper(self) -> None:
         while True:
@@ -201,9 +206,8 @@ def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
         return None
     if embed is not None:
         return embed
-    enc = engine.text_encoder() if engine is not None else None
-    if enc is not None:
-        if enc.recipe.context or enc.recipe.speaker:
+    if engine is not None and engine.text_encoder() is not None:
+        if engine.encoder_reads_turns:
             raise ConfigError("this checkpoint's text encoder reads the speaker and past turns; the service "
                               "embeds lone sentences: fine-tune the encoder on the utterance alone to serve it")
         return engine.embed_sentences
@@ -232,9 +236,12 @@ _DENIED = {401: "a token is required (Authorization: Bearer TOKEN or ?token=TOKE
            403: "this token does not open this session", 404: "no such session"}
 
 
-def _deny(status: int) -> None:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    raise HTTPException(status, _DENIED[status], headers=headers)
+def _require_access(s: Service, session_id: str, authorization: str | None, token: str | None) -> None:
+    """Raise the HTTP error (401/403/404) unless the bearer header or ``?token=`` opens ``session_id``."""
+    status = s.authorize(session_id, _bearer(authorization, token))
+    if status:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        raise HTTPException(status, _DENIED[status], headers=headers)
 
 
 def _no_constants(name: str) -> float:
@@ -302,10 +309,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
                     token: Annotated[str | None, Query()] = None) -> Transcript:
         """The transcript: every utterance with its prediction, in order."""
         s = svc()
-        status = s.authorize(session_id, _bearer(authorization, token))
-        if status:
-            s.metrics.errors.labels("auth").inc()
-            _deny(status)
+        _require_access(s, session_id, authorization, token)
         row = s.store.session(session_id)
         assert row is not None
         utts = [r.public() for r in s.store.records(session_id)]
@@ -322,10 +326,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
                              token: Annotated[str | None, Query()] = None) -> Response:
         """Close the session's connections and delete it and its transcript."""
         s = svc()
-        status = s.authorize(session_id, _bearer(authorization, token))
-        if status:
-            s.metrics.errors.labels("auth").inc()
-            _deny(status)
+        _require_access(s, session_id, authorization, token)
         for ws in list(s.connections.get(session_id, ())):
             await _close(ws, 1000, "session deleted")
 
@@ -359,7 +360,6 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         s = svc()
         status = s.authorize(session_id, _bearer(ws.headers.get("authorization"), ws.query_params.get("token")))
         if status:
-            s.metrics.errors.labels("auth").inc()
             await ws.send_denial_response(JSONResponse({"detail": _DENIED[status]}, status_code=status))
             return
         await ws.accept()
