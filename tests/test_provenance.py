@@ -15,6 +15,7 @@ from affectkit.data.mosi import load_mosi
 from affectkit.data.provenance import MARKER_KEY, file_sha256
 from affectkit.data.synthetic_conversation import write_synthetic_conversations
 from affectkit.data.synthetic_mosi import make_synthetic_mosi, write_synthetic_mosi
+from affectkit.errors import ConfigError
 from affectkit.studies import collect_results, describe_data, load_study, read_results_csv, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,41 @@ def test_moving_the_file_keeps_the_finished_runs(tmp_path):
     moved = data.rename(tmp_path / "moved.pkl")
     again = run_study(study, data=moved, out=out, progress=False, threads=1)
     assert (again.skipped, len(again.ran)) == (2, 0)  # matched by content, not path
+
+
+def test_a_variant_trains_on_its_own_data_file_and_the_summary_names_each(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a variant's data.path is relative to where the study runs, like --data
+    write_synthetic_mosi(tmp_path / "a.pkl", seed=1, **TINY)
+    write_synthetic_mosi(tmp_path / "b.pkl", seed=2, **TINY)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "two_files", "base": str(ROOT / "configs" / "mosi_lab.yaml"), "seeds": [1, 2],
+        "variants": {"on_a": {}, "on_b": {"data.path": "b.pkl"}},
+        "common": {"model.hidden": 8, "train.epochs": 1, "train.tensorboard": False}}))
+    res = run_study(study, data="a.pkl", out="out", progress=False, threads=1)
+    sha = {"on_a": file_sha256(tmp_path / "a.pkl"), "on_b": file_sha256(tmp_path / "b.pkl")}
+    assert {(r["variant"], r["data_sha256"]) for r in read_results_csv(tmp_path / "out" / "results.csv")} == \
+        set(sha.items())
+    # same architecture and seed, different data: the paired rows differ
+    by = {(r["variant"], r["seed"]): r["test_Corr"] for r in res.rows}
+    assert by[("on_a", 1)] != by[("on_b", 1)]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "on_a: `a.pkl`" in summary and f"sha256 {sha['on_a'][:12]}" in summary
+    assert "on_b: `b.pkl`" in summary and f"sha256 {sha['on_b'][:12]}" in summary
+    # resume recognises every run by its own file's content; a regenerated b.pkl reruns only on_b
+    assert run_study(study, data="a.pkl", out="out", progress=False, threads=1).skipped == 4
+    write_synthetic_mosi(tmp_path / "b.pkl", seed=3, **TINY)
+    again = run_study(study, data="a.pkl", out="out", progress=False, threads=1)
+    assert again.skipped == 2 and {o.variant for o in again.ran} == {"on_b"}
+
+
+def test_a_variant_data_file_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_mosi(tmp_path / "a.pkl", seed=1, **TINY)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "missing", "base": str(ROOT / "configs" / "mosi_lab.yaml"),
+        "variants": {"on_a": {}, "on_b": {"data.path": "nope.pkl"}}}))
+    with pytest.raises(ConfigError, match=r"nope\.pkl: data file not found \(variant 'on_b'\)"):
+        run_study(study, data="a.pkl", out="out", progress=False, threads=1)
+    assert not (tmp_path / "out").exists()

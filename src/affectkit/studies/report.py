@@ -8,7 +8,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,17 +39,20 @@ def run_provenance(folder: Path) -> dict[str, Any] | None:
     return prov if isinstance(prov, dict) else None
 
 
-def collect_results(study: Study, out: Path, data_sha256: str | None = None) -> list[dict[str, Any]]:
+def collect_results(study: Study, out: Path,
+                    data_sha256: str | Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per finished run (variant order, then seed): epoch, valid_* and test_* metrics, time, size and
-    the sha256 of the data file it trained on. With ``data_sha256``, a run trained on other content (a file
-    regenerated at the same path) is left out: it can never mix into the table."""
+    the sha256 of the data file it trained on. With ``data_sha256`` (one sha256, or one per variant), a run
+    trained on other content (a file regenerated at the same path) is left out: it can never mix into the
+    table."""
     rows = []
     for variant in study.variants:
+        want = data_sha256.get(variant) if isinstance(data_sha256, Mapping) else data_sha256
         for seed in study.seeds:
             folder = run_dir(out, variant, seed)
             prov = run_provenance(folder)
             sha = (prov or {}).get("data_sha256")
-            if data_sha256 is not None and sha != data_sha256:
+            if want is not None and sha != want:
                 continue
             try:
                 m = json.loads((folder / "metrics.json").read_text())
@@ -275,9 +278,26 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
     return "\n".join(lines)
 
 
-def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, data: str | Path,
-                  command: str, data_sha256: str | None = None) -> None:
-    """results.csv, summary.md and the plots of whatever runs are finished (every engine's one report path)."""
+def data_line(files: str | Path | Mapping[str, str | Path],
+              data_sha256: str | Mapping[str, str] | None = None) -> str:
+    """The summary's data line: one file, or, when variants train on different files, each file with the
+    variants that use it."""
+    if not isinstance(files, Mapping):
+        return describe_data(files, data_sha256 if isinstance(data_sha256, str) else None)
+    users: dict[str, list[str]] = {}
+    for v, f in files.items():
+        users.setdefault(str(f), []).append(v)
+    shas = data_sha256 if isinstance(data_sha256, Mapping) else {}
+    if len(users) == 1:
+        (f, vs), = users.items()
+        return describe_data(f, shas.get(vs[0]) or (data_sha256 if isinstance(data_sha256, str) else None))
+    return "; ".join(f"{', '.join(vs)}: {describe_data(f, shas.get(vs[0]))}" for f, vs in users.items())
+
+
+def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, data: str | Path | Mapping[str, str | Path],
+                  command: str, data_sha256: str | Mapping[str, str] | None = None) -> None:
+    """results.csv, summary.md and the plots of whatever runs are finished (every engine's one report path).
+    ``data`` is the study's data file or, with per-variant files, ``{variant: file}``."""
     write_results_csv(rows, out / "results.csv")
     missing = [f"{v}/seed{s}" for s in study.seeds for v in study.variants
                if not any(r["variant"] == v and r["seed"] == s for r in rows)]
@@ -285,7 +305,7 @@ def write_outputs(study: Study, rows: list[dict[str, Any]], out: Path, data: str
 
     base_cfg = config_from_dict(study.variants[study.baseline].raw)
     select = base_cfg.train.select or get_task(base_cfg.data.task).default_select
-    text = summary_markdown(rows, study.baseline, describe_data(data, data_sha256), command, study.name,
+    text = summary_markdown(rows, study.baseline, data_line(data, data_sha256), command, study.name,
                             {v: s.changes for v, s in study.variants.items()}, select, list(study.variants))
     if missing:
         text += f"\nNot finished (yet): {', '.join(missing)}.\n"

@@ -143,34 +143,37 @@ def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[
     each (default ``cores // workers``), ``devices`` one per worker. ``engine="ray"``: every run a Ray task at
     ``address`` with ``threads`` CPUs (default 1, or the config's ``train.num_threads``). A run that raises is
     reported (and its ``error.txt`` written); the others go on. ``data`` defaults to the base preset's
-    ``data.path``; ``overrides`` apply to every run. ``on_record`` sees each outcome as it is recorded.
+    ``data.path``; a variant's own ``data.path`` wins over both; ``overrides`` apply to every run.
+    ``on_record`` sees each outcome as it is recorded.
     """
     from tqdm import tqdm
 
     study = load_study(path, seeds, overrides)
     command = command or study_command(path, data, seeds, workers, out, overrides, engine, address)
     out = Path(out) if out is not None else Path("studies") / study.name
-    if data is None:
-        data = study.variants[study.baseline].raw.get("data", {}).get("path")
-        if data is None:
-            raise ConfigError("no data file: pass --data PATH (or set data.path in the base preset)")
-    if not Path(data).is_file():
-        raise ConfigError(f"{data}: data file not found")
+    files = {v: study.data_for(v, data) for v in study.variants}
+    for v, f in files.items():
+        if f is None:
+            raise ConfigError(f"no data file for variant {v!r}: pass --data PATH (or set data.path in the "
+                              "base preset or the variant)")
+        if not Path(f).is_file():
+            raise ConfigError(f"{f}: data file not found (variant {v!r})")
     runner = make_engine(engine, workers, threads, address, devices, gpus_per_run)
     out.mkdir(parents=True, exist_ok=True)
     clean_incoming(out)
-    sha = file_sha256(data)
+    sha_of = {f: file_sha256(f) for f in {str(f) for f in files.values()}}
+    shas = {v: sha_of[str(f)] for v, f in files.items()}
 
     jobs, skipped = [], 0
     for seed in study.seeds:  # seed-major: an interrupted study holds paired results for every variant
         for variant in study.variants:
             cfg = study.run_config(variant, seed, data, out)
             folder = run_dir(out, variant, seed)
-            if is_done(folder, cfg, sha):
+            if is_done(folder, cfg, shas[variant]):
                 skipped += 1
                 continue
             jobs.append({"variant": variant, "seed": seed, "config": cfg.to_dict(), "run_dir": str(folder),
-                         "data_sha256": sha})
+                         "data_sha256": shas[variant]})
     total = skipped + len(jobs)
     outcomes: list[RunOutcome] = []
     bar = tqdm(total=total, initial=skipped, desc=f"study {study.name} ({engine})", unit="run",
@@ -191,6 +194,6 @@ def run_study(path: str | Path, data: str | Path | None = None, seeds: Sequence[
         runner.run(jobs, record)
     finally:
         bar.close()
-    rows = collect_results(study, out, sha)
-    write_outputs(study, rows, out, data, command, sha)
+    rows = collect_results(study, out, shas)
+    write_outputs(study, rows, out, files, command, shas)
     return StudyResult(out, rows, outcomes, skipped, total)

@@ -12,6 +12,11 @@ A study file (``configs/studies/*.yaml``)::
       baseline: {}
       no_layernorm: {model.layernorm: false}
       better: {base: ../mosi_better.yaml}   # a variant may start from its own preset
+      finetuned: {data.path: feats/iemocap_ft.pkl}  # a variant may train on its own data file
+
+A variant's own ``data.path`` (relative to the directory the study runs from, like ``--data``) wins over the
+study's ``--data``: one study can then compare feature files (say, frozen vs fine-tuned text vectors) with
+paired seeds. Every other variant trains on the study's data file.
 """
 
 from __future__ import annotations
@@ -49,12 +54,22 @@ class Study:
     path: Path | None = None
     base: str = ""
 
+    def data_for(self, variant: str, data: str | Path | None) -> str | Path | None:
+        """The data file ``variant`` trains on: its own ``data.path`` when the study file gives one, else
+        ``data`` (the study's ``--data``), else its preset's ``data.path``."""
+        own = self.variants[variant].overrides.get("data.path")
+        if own is not None:
+            return str(own)
+        return data if data is not None else self.variants[variant].raw.get("data", {}).get("path")
+
     def run_config(self, variant: str, seed: int, data: str | Path | None, out: Path) -> RunConfig:
-        """The checked run config of one (variant, seed): the variant's config, the seed, the study's data."""
+        """The checked run config of one (variant, seed): the variant's config, the seed, its data file
+        (:meth:`data_for`)."""
         raw = apply_overrides(self.variants[variant].raw, {
             "name": f"{self.name}-{variant}-seed{seed}", "out_dir": str(out), "train.seed": seed,
             "train.progress": False,
         })
+        data = self.data_for(variant, data)
         if data is not None:
             raw = apply_overrides(raw, {"data.path": str(Path(data).resolve())})
         return config_from_dict(raw)
