@@ -389,28 +389,36 @@ def test_finetune_shipped_encoder_on_a_real_slice(tmp_path):
     assert s["dim"] == 384 and s["base"] == "all-MiniLM-L6-v2" and 0 <= s["test"]["F1_weighted"] <= 1
 
 
-def test_checkpoint_carries_its_encoder_into_the_stream(encoder, tiny, tmp_path):
-    """Features from the fine-tuned encoder -> a causal CORECT checkpoint that records the encoder -> a live
-    session embeds raw text with that encoder and its recipe (speaker + past turns); a changed encoder is
-    refused in one line."""
-    from affectkit.checkpoint import read_checkpoint
+@pytest.fixture(scope="module")
+def carried(encoder, tiny, tmp_path_factory) -> tuple[Path, Path]:
+    """A causal CORECT checkpoint trained on the context encoder's features: (checkpoint, encoder folder)."""
     from affectkit.config import load_config
     from affectkit.features.text import build_text_features
-    from affectkit.stream import Stream
     from affectkit.train import train
 
+    root = tmp_path_factory.mktemp("carried")
     out, _ = encoder
-    enc_copy = tmp_path / "enc"
+    enc_copy = root / "enc"
     shutil.copytree(out, enc_copy, ignore=shutil.ignore_patterns("checkpoints", "folds"))
-    feats = tmp_path / "f.pkl"
-    build_text_features("iemocap", tiny["data"], feats, cache_dir=tmp_path / "cache", progress=False,
+    feats = root / "f.pkl"
+    build_text_features("iemocap", tiny["data"], feats, cache_dir=root / "cache", progress=False,
                         encoder=enc_copy)
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "corect_iemocap6_causal.yaml", [
         "model.modalities=[text]", "model.hidden=8", "model.text_ff=16", "model.text_layers=1",
         "model.pcm_layers=1", "model.pcm_self_layers=1", "model.graph_heads=1", "train.epochs=1",
-        "train.progress=false", "train.tensorboard=false", f"out_dir={tmp_path}"])
-    train(cfg, data_path=feats, run_dir=tmp_path / "run")
-    ckpt = tmp_path / "run" / "best.pt"
+        "train.progress=false", "train.tensorboard=false", f"out_dir={root}"])
+    train(cfg, data_path=feats, run_dir=root / "run")
+    return root / "run" / "best.pt", enc_copy
+
+
+def test_checkpoint_carries_its_encoder_into_the_stream(carried, tmp_path):
+    """Features from the fine-tuned encoder -> a causal CORECT checkpoint that records the encoder -> a live
+    session embeds raw text with that encoder and its recipe (speaker + past turns); a changed encoder is
+    refused in one line."""
+    from affectkit.checkpoint import read_checkpoint
+    from affectkit.stream import Stream
+
+    ckpt, enc_copy = carried
     assert read_checkpoint(ckpt)["info"]["encoder"] == encoder_record(enc_copy)
 
     session = Stream(ckpt)
@@ -421,9 +429,66 @@ def test_checkpoint_carries_its_encoder_into_the_stream(encoder, tiny, tmp_path)
         want = plain.push(spk, text=ref.embed_turn(list(zip(SPK[:i], SEN[:i])), spk, sen, save=False))
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-5)
 
-    (enc_copy / "model.safetensors").write_bytes((enc_copy / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(DataError, match="encoder"):
-        Stream(ckpt)
-    shutil.rmtree(enc_copy)
-    with pytest.raises(DataError, match="encoder"):
-        Stream(ckpt)
+    weights = enc_copy / "model.safetensors"
+    good = weights.read_bytes()
+    try:
+        weights.write_bytes(good[:-8] + b"\0" * 8)
+        with pytest.raises(DataError, match="encoder"):
+            Stream(ckpt)
+        weights.rename(weights.with_suffix(".moved"))
+        with pytest.raises(DataError, match="encoder"):
+            Stream(ckpt)
+    finally:
+        weights.with_suffix(".moved").unlink(missing_ok=True)
+        weights.write_bytes(good)
+
+
+def test_the_service_embeds_each_turn_with_its_session_past(carried, tmp_path):
+    """The live service on a checkpoint whose encoder reads the speaker and past turns: sessions batched
+    together (two turns of one session in the same batch too) answer exactly as one Stream per session
+    with push_text, and a session rebuilt from the log after a restart goes on with its turn history."""
+    from affectkit.serve.app import _text_embedder
+    from affectkit.serve.sessions import Item, SessionPool
+    from affectkit.serve.store import Store
+    from affectkit.stream import Stream
+
+    ckpt, _ = carried
+    base = Stream(ckpt)
+    tags = base.engine.speakers
+    a = [("Ann", "hello there"), ("Bob", "you again"), ("Ann", "yes me"), ("Bob", "go away"), ("Ann", "fine")]
+    b = [("Cy", "good news today"), ("Di", "tell me"), ("Cy", "we won"), ("Di", "really"), ("Cy", "yes")]
+    want = {}
+    for sid, turns in (("session-a", a), ("session-b", b)):
+        ref = Stream(ckpt)
+        want[sid] = [ref.push_text(n, t).logits for n, t in turns]
+
+    def pool_on(store: Store) -> SessionPool:
+        stream = Stream(ckpt)
+        return SessionPool(stream, store, tags, _text_embedder(stream.engine.dims, None, stream.engine))
+
+    store = Store(tmp_path / "log.db")
+    for sid in want:
+        store.create_session(sid, "tok")
+    pool = pool_on(store)
+    batches = [[("session-a", 0), ("session-b", 0), ("session-a", 1)],  # two turns of session-a in one batch
+               [("session-b", 1), ("session-b", 2), ("session-a", 2)]]
+    got: dict[str, list] = {"session-a": [], "session-b": []}
+    for batch in batches:
+        turns = {"session-a": a, "session-b": b}
+        out = pool.step([Item(sid, *turns[sid][k], {}) for sid, k in batch])
+        for (sid, _), o in zip(batch, out):
+            assert not isinstance(o, Exception), o
+            got[sid].append(o[0].logits)
+    store.close()
+    store = Store(tmp_path / "log.db")  # a restart: sessions rebuild from the log, turn history included
+    pool = pool_on(store)
+    out = pool.step([Item("session-a", *a[3], {}), Item("session-b", *b[3], {}), Item("session-a", *a[4], {}),
+                     Item("session-b", *b[4], {})])
+    for it, o in zip(["session-a", "session-b", "session-a", "session-b"], out):
+        got[it].append(o[0].logits)
+    for sid in want:
+        np.testing.assert_allclose(got[sid], want[sid], atol=1e-5)
+    # the inputs really carry the past: the last turn alone would be embedded differently
+    lone = Stream(ckpt)
+    assert lone.text_input("Ann", "fine") == "Ann: fine"
+    assert pool.get("session-a").stream.text_input("Ann", "again").endswith("Ann: fine [SEP] Ann: again")

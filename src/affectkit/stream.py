@@ -196,13 +196,17 @@ class StreamModel:
     def embed_sentences(self, sentences: list[str]) -> np.ndarray:
         """Text features of lone raw sentences (``embed`` if given, the checkpoint's fine-tuned encoder when
         its input is the utterance alone, else :func:`embed_text`)."""
+        if self.encoder_reads_turns:
+            raise ConfigError("this checkpoint's text encoder reads the speaker and past turns: embed each "
+                              "turn in its session (Stream.push_text, or Stream.text_input + embed_inputs)")
+        return self.embed_inputs(sentences)
+
+    def embed_inputs(self, inputs: list[str]) -> np.ndarray:
+        """Text features of encoder input strings (:meth:`Stream.text_input` of each turn), in one call."""
         enc = self.text_encoder()
         if enc is not None:
-            if self.encoder_reads_turns:
-                raise ConfigError("this checkpoint's text encoder reads the speaker and past turns: embed each "
-                                  "turn in its session (Stream.push_text)")
-            return np.asarray(enc.embed(list(sentences), save=False))
-        return np.asarray((self.embed or embed_text)(sentences))
+            return np.asarray(enc.embed(list(inputs), save=False))
+        return np.asarray((self.embed or embed_text)(list(inputs)))
 
     def prediction(self, logits: torch.Tensor, position: int) -> Prediction:
         probs = torch.softmax(logits.double(), dim=-1)
@@ -363,17 +367,31 @@ class Stream:
         self.speaker_slot(speaker)  # cheap checks before the encoder runs
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"sentence must be a non-empty str, got {sentence!r:.60}")
-        enc = eng.text_encoder()
-        if enc is None:
-            vector = eng.embed_sentences([sentence])[0]
-        else:  # the fine-tuned encoder's own input recipe: speaker tag and past turns of this session
-            past = [(spk, text) for pos, spk, text in self._turns if pos < len(self)]
-            vector = enc.embed_turn(past, str(speaker), sentence, save=False)
+        vector = eng.embed_inputs([self.text_input(speaker, sentence)])[0]
         pred = self.push(speaker, text=vector, audio=audio, visual=visual)
-        if enc is not None and enc.recipe.context:
-            self._turns = [t for t in self._turns if t[0] < pred.position][-(enc.recipe.context + eng.max_rewind):]
-            self._turns.append((pred.position, str(speaker), sentence))
+        self.remember_turn(pred.position, speaker, sentence)
         return pred
+
+    def text_input(self, speaker: Any, sentence: str) -> str:
+        """What the checkpoint's text encoder reads for this session's next turn: the sentence itself, or, for
+        a fine-tuned encoder that reads them, the speaker tag and the last turns pushed as text (embed it
+        with ``engine.embed_inputs``; a service batches many sessions' inputs in one call)."""
+        enc = self.engine.text_encoder()
+        if enc is None:
+            return sentence
+        past = [(spk, text) for pos, spk, text in self._turns if pos < len(self)]
+        return str(enc.turn_input(past, str(speaker), sentence))
+
+    def remember_turn(self, position: int, speaker: Any, sentence: str) -> None:
+        """Keep the turn at ``position`` for the encoder inputs of later turns (only what the encoder reads:
+        its context plus the rewind slots). Called by :meth:`push_text`; a service calls it after pushing an
+        embedded turn and when it rebuilds a session from its log."""
+        enc = self.engine.text_encoder()
+        if enc is None or not enc.recipe.context:
+            return
+        keep = enc.recipe.context + self.engine.max_rewind
+        self._turns = [t for t in self._turns if t[0] < position][-keep:]
+        self._turns.append((position, str(speaker), sentence))
 
 
 def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any]]) -> list[Prediction]:

@@ -201,13 +201,17 @@ class SentenceEncoder:
             return _load_local(self.ref["folder"], self.ref["sha256"], self.device)
         return _load_model(self.device)
 
-    def embed_turn(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str, save: bool = True) -> np.ndarray:
-        """The vector of one new turn given earlier ``(speaker, sentence)`` turns (only the last
-        ``recipe.context`` are read, so a live session keeps a bounded history): float32 (dim,)."""
+    def turn_input(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str) -> str:
+        """The input string of one new turn given earlier ``(speaker, sentence)`` turns (only the last
+        ``recipe.context`` are read, so a live session keeps a bounded history)."""
         keep = list(past)[-self.recipe.context :] if self.recipe.context else []
         speakers = [str(p[0]) for p in keep] + [str(speaker)]
         sentences = [p[1] for p in keep] + [sentence]
-        return self.embed([utterance_input(speakers, sentences, len(keep), self.recipe)], save=save)[0]
+        return utterance_input(speakers, sentences, len(keep), self.recipe)
+
+    def embed_turn(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str, save: bool = True) -> np.ndarray:
+        """The vector of one new turn (:meth:`turn_input`): float32 (dim,)."""
+        return self.embed([self.turn_input(past, speaker, sentence)], save=save)[0]
 
     def embed_dialogue(self, speakers: Sequence[str], sentences: Sequence[str], progress: bool = False,
                        save: bool = True) -> np.ndarray:

@@ -199,18 +199,15 @@ def _load(source: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
-    """The raw-sentence embedder, or None when the model cannot take raw text. A checkpoint trained on a
-    fine-tuned encoder's features gets that encoder (verified when the engine was built); one whose encoder
-    reads past turns is refused here, since the service embeds sentences of many sessions in one batch."""
+    """The embedder of encoder inputs (one string per turn, :meth:`Stream.text_input`), or None when the
+    model cannot take raw text. A checkpoint trained on a fine-tuned encoder's features gets that encoder
+    (verified when the engine was built); its inputs carry the speaker and past turns when it reads them."""
     if "text" not in dims:
         return None
     if embed is not None:
         return embed
     if engine is not None and engine.text_encoder() is not None:
-        if engine.encoder_reads_turns:
-            raise ConfigError("this checkpoint's text encoder reads the speaker and past turns; the service "
-                              "embeds lone sentences: fine-tune the encoder on the utterance alone to serve it")
-        return engine.embed_sentences
+        return engine.embed_inputs
     try:
         from affectkit.features import text as text_features
     except ImportError:

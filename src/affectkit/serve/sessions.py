@@ -97,7 +97,9 @@ class SessionPool:
         live = Live(self.base.new_session(), [], time.monotonic())
         for rec in self.store.records(session_id):
             tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
-            live.stream.push(tag, **rec.features)
+            pred = live.stream.push(tag, **rec.features)
+            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
+                live.stream.remember_turn(pred.position, rec.speaker, rec.text)
             if new:
                 live.speakers.append(rec.speaker)
         return live
@@ -125,32 +127,59 @@ class SessionPool:
     # -- the batch step
 
     def step(self, items: list[Item]) -> list[tuple[Prediction, Record] | Exception]:
-        """Classify a batch: one encoder call for every raw sentence in it, then each utterance pushed
-        into its session in arrival order; then every success is written to the store in one
-        transaction before anything is returned.  A failed item gets its exception and changes no state;
-        if the write fails, the touched sessions are dropped from memory (they rebuild from the log)."""
+        """Classify a batch: one encoder call for the raw sentences of every session's next utterance, then
+        each pushed into its session; a session with several utterances in the batch goes on in the next
+        wave (its later turns' encoder inputs read the earlier ones). Then every success is written to the
+        store in one transaction before anything is returned.  A failed item gets its exception and changes
+        no state; if the write fails, the touched sessions are dropped from memory (they rebuild from the log)."""
         out: list[Any] = [None] * len(items)
-        texts = [i for i, it in enumerate(items) if it.text is not None]
-        vectors: dict[int, np.ndarray] = {}
-        if texts:
-            if self.embed is None:
-                err = DataError("this model cannot embed raw text; send features")
-                for i in texts:
-                    out[i] = err
-            else:
-                try:
-                    emb = np.asarray(self.embed([items[i].text for i in texts]), dtype=np.float32)
-                    vectors = dict(zip(texts, emb))
-                except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
-                    for i in texts:
-                        out[i] = exc
         records: list[Record] = []
         touched: list[str] = []
-        for i, it in enumerate(items):
+        pending = list(range(len(items)))
+        while pending:
+            wave: list[int] = []
+            later: list[int] = []
+            for i in pending:  # arrival order within each session
+                (later if any(items[j].session == items[i].session for j in wave) else wave).append(i)
+            self._step_wave(items, wave, out, records, touched)
+            pending = later
+        if records:
+            try:
+                self.store.append(records)
+            except Exception as exc:  # noqa: BLE001 - nothing was acknowledged: forget, rebuild from the log
+                for s in set(touched):
+                    self.drop(s)
+                return [exc if isinstance(o, tuple) else o for o in out]
+        return out
+
+    def _step_wave(self, items: list[Item], wave: list[int], out: list[Any], records: list[Record],
+                   touched: list[str]) -> None:
+        """Embed and push items of distinct sessions (``wave``), filling ``out``, ``records``, ``touched``."""
+        lives: dict[int, Live] = {}
+        for i in wave:
+            try:
+                lives[i] = self.get(items[i].session)
+            except AffectkitError as exc:
+                out[i] = exc
+        texts = [i for i in lives if items[i].text is not None]
+        vectors: dict[int, np.ndarray] = {}
+        if texts and self.embed is None:
+            err = DataError("this model cannot embed raw text; send features")
+            for i in texts:
+                out[i] = err
+        elif texts:
+            try:
+                inputs = [lives[i].stream.text_input(items[i].speaker, items[i].text) for i in texts]
+                emb = np.asarray(self.embed(inputs), dtype=np.float32)
+                vectors = dict(zip(texts, emb))
+            except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
+                for i in texts:
+                    out[i] = exc
+        for i, live in lives.items():
+            it = items[i]
             if out[i] is not None:
                 continue
             try:
-                live = self.get(it.session)
                 feats = dict(it.features)
                 if i in vectors:
                     feats["text"] = vectors[i]
@@ -161,6 +190,8 @@ class SessionPool:
                 continue
             if new:
                 live.speakers.append(it.speaker)
+            if it.text is not None:
+                live.stream.remember_turn(pred.position, it.speaker, it.text)
             latency = (time.perf_counter() - it.received) * 1000
             rec = Record(it.session, pred.position, it.speaker, it.text,
                          {m: np.asarray(feats[m], dtype=np.float32) for m in self.base.modalities},
@@ -168,11 +199,3 @@ class SessionPool:
             records.append(rec)
             touched.append(it.session)
             out[i] = (pred, rec)
-        if records:
-            try:
-                self.store.append(records)
-            except Exception as exc:  # noqa: BLE001 - nothing was acknowledged: forget, rebuild from the log
-                for s in set(touched):
-                    self.drop(s)
-                return [exc if isinstance(o, tuple) else o for o in out]
-        return out
