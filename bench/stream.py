@@ -2,10 +2,10 @@
 
 Models: causal CORECT at the preset sizes (``configs/corect_iemocap6_causal.yaml``: hidden 100, text
 Transformer 2 layers / 4 heads / ff 2048, wp 11, graph heads 7, P-CM 2 cross + 3 self layers, 2 heads),
-random weights (latency does not depend on training), with ``--context`` (default 32, the causal presets'
-window): a text-only model (384-d text, the sentence encoder's size) and a three-modality model (text 768,
-audio 100, visual 512); plus the text-only model with ``context: null`` (full causal attention, growing
-caches) for comparison, without recomputation.
+random weights (latency does not depend on training), with ``--context`` (default: the causal presets' window,
+``configs/corect_causal.yaml``): a text-only model (384-d text, the sentence encoder's size) and a three-modality
+model (text 768, audio 100, visual 512); plus the text-only model with ``context: null`` (full causal attention,
+growing caches) for comparison, without recomputation.
 
 One session per model pushes utterances 0, 1, 2, ... to the largest position, **every push timed**
 (``time.perf_counter``; including the pushes that grow a cache).  When the session holds p utterances
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,12 +113,20 @@ def _line(r: dict[str, object]) -> str:
     return text
 
 
+def preset_context() -> int:
+    """The attention window of the causal presets (what a live session runs by default)."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "corect_causal.yaml"
+    return int(yaml.safe_load(path.read_text())["model"]["context"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--positions", default="10,100,1000,10000")
     ap.add_argument("--samples", type=int, default=1000, help="timed pushes at each position")
     ap.add_argument("--recompute", type=int, default=5, help="timed recomputations per position (1 from 5000)")
-    ap.add_argument("--context", type=int, default=32)
+    ap.add_argument("--context", type=int, default=preset_context())
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-null", action="store_true", help="skip the context: null comparison")

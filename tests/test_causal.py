@@ -152,6 +152,6 @@ def test_causal_presets_are_the_offline_recipe_made_causal(preset):
     assert causal.model["causal"] is True and causal.model["wf"] == 0
     live = {"causal": False, "wf": offline.model["wf"], "context": None, "speaker_mode": "tags"}
     assert {**causal.model, **live} == {**offline.model, "context": None, "speaker_mode": "tags"}
-    assert causal.model["context"] == 32 and causal.model["speaker_mode"] == "per_dialogue"  # for live use
+    assert causal.model["context"] == 16 and causal.model["speaker_mode"] == "per_dialogue"  # for live use
     assert causal.train == offline.train and causal.data == offline.data
     model_config(causal.model_name, causal.model_params)  # validates
