@@ -1,0 +1,75 @@
+"""One table across several studies: a row per (label, variant), a column per study, each cell the variant's
+mean ± std over seeds of one test metric and, where the row names a reference variant, the paired difference
+to it (same study, same seeds) with its 95% t interval. Built from the studies' ``results.csv`` alone, so a
+README table that compares datasets is generated, never typed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from affectkit.errors import ConfigError
+from affectkit.studies.report import mean_std, paired_difference, read_results_csv
+
+__all__ = ["Row", "cross_study_table"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A table row: its ``label``, the ``variant`` it shows and the ``reference`` variant its paired
+    difference is taken to (None: no difference)."""
+
+    label: str
+    variant: str
+    reference: str | None = None
+
+
+def _per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[key]) for r in rows
+            if r["variant"] == variant and r.get(key) not in (None, "") and math.isfinite(float(r[key]))}
+
+
+def _cell(rows: list[dict[str, Any]], row: Row, key: str, scale: float) -> str:
+    values = _per_seed(rows, row.variant, key)
+    if not values:
+        return "—"
+    mean, std, n = mean_std(values.values())
+    text = f"{mean * scale:.1f} ± {std * scale:.1f}" if n > 1 else f"{mean * scale:.1f}"
+    if n < 5:
+        text += f" (n={n})"
+    if row.reference is not None:
+        d = paired_difference(_per_seed(rows, row.reference, key), values)
+        if d.n >= 2:
+            star = "\\*" if d.excludes_zero else ""
+            text += f" ({d.mean * scale:+.1f} [{d.lo * scale:+.1f}, {d.hi * scale:+.1f}]{star})"
+        elif d.n == 1:
+            text += f" ({d.mean * scale:+.1f})"
+    return text
+
+
+def cross_study_table(studies: Mapping[str, str | Path], rows: Sequence[Row], metric: str = "F1_weighted",
+                      scale: float = 100.0) -> str:
+    """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``); every
+    cell shows ``test_<metric>`` x ``scale`` as mean ± std over seeds (n when fewer than 5) and, for a row
+    with a reference, ``(Δ [95% interval])`` paired by seed within that study (\\* = excludes 0). A study
+    not run yet gives "—" cells."""
+    key = f"test_{metric}"
+    loaded: dict[str, list[dict[str, Any]]] = {}
+    for title, folder in studies.items():
+        csv = Path(folder) / "results.csv"
+        try:
+            loaded[title] = read_results_csv(csv) if csv.is_file() else []
+            for r in loaded[title]:
+                int(r["seed"]), str(r["variant"])
+                if r.get(key) not in (None, ""):
+                    float(r[key])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{csv}: unreadable results ({exc})") from None
+    lines = ["| | " + " | ".join(studies) + " |", "|---|" + "---|" * len(studies)]
+    for row in rows:
+        lines.append(f"| {row.label} | " + " | ".join(_cell(loaded[t], row, key, scale) for t in studies) + " |")
+    return "\n".join(lines) + "\n"

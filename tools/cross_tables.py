@@ -1,0 +1,50 @@
+"""Write the README's cross-dataset tables from the studies' results.csv (generated, never typed):
+
+    results/window_table.md     the price of the attention window (configs/studies/real_*_window.yaml)
+    results/finetuned_table.md  frozen vs fine-tuned text encoder (configs/studies/real_*_finetuned.yaml)
+
+Usage: python tools/cross_tables.py   (then python tools/embed_results.py copies them into README.md)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from affectkit.studies.compare import Row, cross_study_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = {"IEMOCAP-6": "iemocap6", "IEMOCAP-4": "iemocap4", "MELD": "meld"}
+
+
+def window_table() -> str:
+    rows = [Row("causal, whole past (`context: null`)", "causal_full"),
+            *(Row(f"causal, `context: {n}`", f"causal_ctx{n}", "causal_full") for n in (16, 32, 64)),
+            Row("offline (for reference)", "offline", "causal_full")]
+    head = ("Test weighted F1 × 100, mean ± std over 5 seeds; (Δ [95% t interval]) = paired difference to the "
+            "causal model with the whole past, same seeds; \\* = the interval excludes 0. Real text features "
+            "(frozen all-MiniLM-L6-v2). MELD has no `context: 64` row: its dialogues have at most 33 utterances, "
+            "so that band is the whole past.\n\n")
+    return head + cross_study_table({k: ROOT / "results" / f"real_{v}_window" for k, v in SETS.items()}, rows)
+
+
+def finetuned_table() -> str:
+    rows = []
+    for model, suffix in (("CORECT offline", ""), ("CORECT causal", "_causal"), ("context-free MLP", "_mlp")):
+        rows.append(Row(f"{model}, frozen encoder", f"frozen{suffix}"))
+        rows.append(Row(f"{model}, fine-tuned (utterance)", f"utt{suffix}", f"frozen{suffix}"))
+        rows.append(Row(f"{model}, fine-tuned (+2 past turns)", f"ctx2{suffix}", f"frozen{suffix}"))
+    head = ("Test weighted F1 × 100, mean ± std over 5 CORECT seeds (one encoder fine-tuning seed per dataset; "
+            "IEMOCAP-6 encoder seeds below); (Δ [95% t interval]) = paired difference to the same model on the "
+            "frozen encoder's features, same seeds; \\* = the interval excludes 0. Real text of the transcripts; "
+            "causal = the live preset (window 16, speakers by first appearance).\n\n")
+    return head + cross_study_table({k: ROOT / "results" / f"real_{v}_finetuned" for k, v in SETS.items()}, rows)
+
+
+def main() -> None:
+    for name, text in (("window_table.md", window_table()), ("finetuned_table.md", finetuned_table())):
+        (ROOT / "results" / name).write_text(text)
+        print(f"wrote results/{name}")
+
+
+if __name__ == "__main__":
+    main()
