@@ -6,6 +6,9 @@ total), training utterances per second, the process's peak RSS, the load average
 the issue's 20-minute budget.  The CPU time is the steadier figure on a shared machine.
 
     python bench/finetune.py --dataset iemocap --epochs 1 --threads 2
+
+``--summaries DIR ...`` reads instead the per-epoch times that ``affectkit finetune-text`` recorded while it
+trained the given encoders (``DIR/training_summary.json``): the cost of the encoders behind the tables.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", help="output folder (default: a temporary folder, removed)")
+    p.add_argument("--summaries", nargs="+", metavar="DIR", help="report finished encoders instead of training")
     a = p.parse_args()
+    if a.summaries:
+        report_summaries(a.summaries)
+        return
 
     cfg = FinetuneConfig(context=a.context, speaker=a.speaker, epochs=a.epochs, max_length=a.max_length,
                          batch_size=a.batch_size)
@@ -60,6 +67,26 @@ def main() -> None:
     print(f"epochs of this size in 20 min at this wall rate: {1200 / per_epoch:.1f}")
     print(f"classifier weighted F1 dev {s['dev']['F1_weighted']:.4f} test {s['test']['F1_weighted']:.4f} "
           f"(best epoch {s['best_epoch']})")
+
+
+def report_summaries(folders: list[str]) -> None:
+    """One line per finished encoder: recipe, threads, per-epoch wall and CPU seconds, the whole fine-tuning's
+    CPU time (what fits the 20-minute budget on 2 cores: CPU seconds / 2 with both cores busy), dev/test."""
+    import json
+
+    print("encoder | dataset | recipe | threads | epochs | s/epoch wall (CPU) | train CPU min | utt/CPU-s | "
+          "dev / test wF1")
+    for folder in folders:
+        s = json.loads((Path(folder) / "training_summary.json").read_text())
+        r, n = s["recipe"], s["utterances"]["train"]
+        cpu = [c for c in s["epoch_cpu_seconds"] if c is not None]
+        recipe = f"context {r['context']}" + (", speaker" if r["speaker"] else "")
+        wall = sorted(s["epoch_seconds"])[len(s["epoch_seconds"]) // 2]
+        per_cpu = sorted(cpu)[len(cpu) // 2] if cpu else float("nan")
+        print(f"{Path(folder).name} | {s['dataset']} ({n} train) | {recipe} | {s.get('threads')} | "
+              f"{len(s['epoch_seconds'])} (best {s['best_epoch']}) | {wall:.0f} ({per_cpu:.0f}) | "
+              f"{sum(cpu) / 60:.1f} | {n / per_cpu:.1f} | "
+              f"{s['dev']['F1_weighted']:.4f} / {s['test']['F1_weighted']:.4f}")
 
 
 if __name__ == "__main__":
