@@ -16,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = {"IEMOCAP-6": "iemocap6", "IEMOCAP-4": "iemocap4", "MELD": "meld"}
 
 
+def _table(head: str, kind: str, rows: list[Row]) -> str:
+    """``head`` and the table of ``rows`` over the studies ``results/real_<set>_<kind>`` of every dataset."""
+    return head + cross_study_table({k: ROOT / "results" / f"real_{v}_{kind}" for k, v in SETS.items()}, rows)
+
+
 def window_table() -> str:
     rows = [Row("causal, whole past (`context: null`)", "causal_full"),
             *(Row(f"causal, `context: {n}`", f"causal_ctx{n}", "causal_full") for n in (16, 32, 64)),
@@ -24,7 +29,7 @@ def window_table() -> str:
             "causal model with the whole past, same seeds; \\* = the interval excludes 0. Real text features "
             "(frozen all-MiniLM-L6-v2). MELD has no `context: 64` row: its dialogues have at most 33 utterances, "
             "so that band is the whole past.\n\n")
-    return head + cross_study_table({k: ROOT / "results" / f"real_{v}_window" for k, v in SETS.items()}, rows)
+    return _table(head, "window", rows)
 
 
 def finetuned_table() -> str:
@@ -37,7 +42,7 @@ def finetuned_table() -> str:
             "IEMOCAP-6 encoder seeds below); (Δ [95% t interval]) = paired difference to the same model on the "
             "frozen encoder's features, same seeds; \\* = the interval excludes 0. Real text of the transcripts; "
             "causal = the live preset (window 16, speakers by first appearance).\n\n")
-    return head + cross_study_table({k: ROOT / "results" / f"real_{v}_finetuned" for k, v in SETS.items()}, rows)
+    return _table(head, "finetuned", rows)
 
 
 def main() -> None:
