@@ -95,7 +95,7 @@ def ray_startup_seconds(cores: int) -> float:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.shutdown()
     return time.perf_counter() - t0
 

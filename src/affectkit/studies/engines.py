@@ -360,8 +360,8 @@ class RayEngine:
                                       "configure_logging": False}
             if self.address:
                 ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(num_cpus=available_cores(), **kwargs)
+            else:  # "local": a new instance on this machine, never one a stale /tmp/ray file points to
+                ray.init(address="local", num_cpus=available_cores(), **kwargs)
             self._started = True
         return ray
 
