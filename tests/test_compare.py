@@ -35,6 +35,15 @@ def test_cells_are_mean_std_and_paired_difference(tmp_path):
     assert lines[3] == "| new | 63.0 ± 11.0 (n=3) (+3.0 [+0.5, +5.5]\\*) | — | — |"
 
 
+def test_a_column_can_read_the_selection_split(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "results.csv").write_text("variant,seed,valid_F1_weighted,test_F1_weighted\n"
+                                        "x,1,0.5,0.1\nx,2,0.7,0.1\n")
+    table = cross_study_table({"dev": (folder, "valid"), "test": folder}, [Row("x", "x")])
+    assert table.splitlines()[2] == "| x | 60.0 ± 14.1 (n=2) | 10.0 ± 0.0 (n=2) |"
+
+
 def test_an_unreadable_results_file_is_named(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "results.csv").write_text("variant,seed,test_F1_weighted\nx,notanint,0.5\n")

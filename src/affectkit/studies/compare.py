@@ -51,25 +51,29 @@ def _cell(rows: list[dict[str, Any]], row: Row, key: str, scale: float) -> str:
     return text
 
 
-def cross_study_table(studies: Mapping[str, str | Path], rows: Sequence[Row], metric: str = "F1_weighted",
-                      scale: float = 100.0) -> str:
-    """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``); every
-    cell shows ``test_<metric>`` x ``scale`` as mean ± std over seeds (n when fewer than 5) and, for a row
-    with a reference, ``(Δ [95% interval])`` paired by seed within that study (\\* = excludes 0). A study
-    not run yet gives "—" cells."""
-    key = f"test_{metric}"
-    loaded: dict[str, list[dict[str, Any]]] = {}
-    for title, folder in studies.items():
+def cross_study_table(studies: Mapping[str, str | Path | tuple[str | Path, str]], rows: Sequence[Row],
+                      metric: str = "F1_weighted", scale: float = 100.0) -> str:
+    """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``), or to
+    ``(folder, split)`` for another split than ``test`` (``valid``: the selection split); every cell shows
+    ``<split>_<metric>`` x ``scale`` as mean ± std over seeds (n when fewer than 5) and, for a row with a
+    reference, ``(Δ [95% interval])`` paired by seed within that study (\\* = excludes 0). A study not run
+    yet gives "—" cells."""
+    loaded: dict[str, tuple[list[dict[str, Any]], str]] = {}
+    for title, where in studies.items():
+        folder, split = where if isinstance(where, tuple) else (where, "test")
+        key = f"{split}_{metric}"
         csv = Path(folder) / "results.csv"
         try:
-            loaded[title] = read_results_csv(csv) if csv.is_file() else []
-            for r in loaded[title]:
+            rows_of = read_results_csv(csv) if csv.is_file() else []
+            for r in rows_of:
                 int(r["seed"]), str(r["variant"])
                 if r.get(key) not in (None, ""):
                     float(r[key])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{csv}: unreadable results ({exc})") from None
+        loaded[title] = (rows_of, key)
     lines = ["| | " + " | ".join(studies) + " |", "|---|" + "---|" * len(studies)]
     for row in rows:
-        lines.append(f"| {row.label} | " + " | ".join(_cell(loaded[t], row, key, scale) for t in studies) + " |")
+        cells = [_cell(rows_of, row, key, scale) for rows_of, key in loaded.values()]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
