@@ -83,7 +83,7 @@ def report_summaries(folders: list[str]) -> None:
         recipe = f"context {r['context']}" + (", speaker" if r["speaker"] else "")
         wall = sorted(s["epoch_seconds"])[len(s["epoch_seconds"]) // 2]
         per_cpu = sorted(cpu)[len(cpu) // 2] if cpu else float("nan")
-        print(f"{Path(folder).name} | {s['dataset']} ({n} train) | {recipe} | {s.get('threads')} | "
+        print(f"{folder} | {s['dataset']} ({n} train) | {recipe} | {s.get('threads')} | "
               f"{len(s['epoch_seconds'])} (best {s['best_epoch']}) | {wall:.0f} ({per_cpu:.0f}) | "
               f"{sum(cpu) / 60:.1f} | {n / per_cpu:.1f} | "
               f"{s['dev']['F1_weighted']:.4f} / {s['test']['F1_weighted']:.4f}")
