@@ -139,8 +139,10 @@ class SessionPool:
         while pending:
             wave: list[int] = []
             later: list[int] = []
+            in_wave: set[str] = set()
             for i in pending:  # arrival order within each session
-                (later if any(items[j].session == items[i].session for j in wave) else wave).append(i)
+                (later if items[i].session in in_wave else wave).append(i)
+                in_wave.add(items[i].session)
             self._step_wave(items, wave, out, records, touched)
             pending = later
         if records:

@@ -6,14 +6,13 @@ README table that compares datasets is generated, never typed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from affectkit.errors import ConfigError
-from affectkit.studies.report import mean_std, paired_difference, read_results_csv
+from affectkit.studies.report import mean_std, paired_difference, per_seed, read_results_csv
 
 __all__ = ["Row", "cross_study_table"]
 
@@ -28,21 +27,16 @@ class Row:
     reference: str | None = None
 
 
-def _per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, float]:
-    return {int(r["seed"]): float(r[key]) for r in rows
-            if r["variant"] == variant and r.get(key) not in (None, "") and math.isfinite(float(r[key]))}
-
-
 def _cell(rows: list[dict[str, Any]], row: Row, key: str, scale: float) -> str:
-    values = _per_seed(rows, row.variant, key)
-    if not values:
-        return "—"
+    values = per_seed(rows, row.variant, key)
     mean, std, n = mean_std(values.values())
+    if n == 0:
+        return "—"
     text = f"{mean * scale:.1f} ± {std * scale:.1f}" if n > 1 else f"{mean * scale:.1f}"
     if n < 5:
         text += f" (n={n})"
     if row.reference is not None:
-        d = paired_difference(_per_seed(rows, row.reference, key), values)
+        d = paired_difference(per_seed(rows, row.reference, key), values)
         if d.n >= 2:
             star = "\\*" if d.excludes_zero else ""
             text += f" ({d.mean * scale:+.1f} [{d.lo * scale:+.1f}, {d.hi * scale:+.1f}]{star})"

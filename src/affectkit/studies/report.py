@@ -165,7 +165,9 @@ def _compared_metrics(rows: list[dict[str, Any]]) -> list[str]:
     return [m for m in _metric_names(rows, "test") if m != "loss"]
 
 
-def _per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, float]:
+def per_seed(rows: list[dict[str, Any]], variant: str, key: str) -> dict[int, float]:
+    """``{seed: row[key]}`` of one variant's rows that have the key (non-finite values are kept: the
+    statistics skip them)."""
     return {int(r["seed"]): r[key] for r in rows if r["variant"] == variant and r.get(key) is not None}
 
 
@@ -234,16 +236,16 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
             "train s", "params"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
-        cells = [f"**{v}**" if v == baseline else v, str(len(_per_seed(rows, v, "seed")))]
+        cells = [f"**{v}**" if v == baseline else v, str(len(per_seed(rows, v, "seed")))]
         for m in metrics:
-            mean, std, _ = mean_std(_per_seed(rows, v, f"test_{m}").values())
+            mean, std, _ = mean_std(per_seed(rows, v, f"test_{m}").values())
             cells.append(f"{format_number(mean)} ± {format_number(std)}")
-        mean, std, _ = mean_std(_per_seed(rows, v, f"valid_{select}").values())
+        mean, std, _ = mean_std(per_seed(rows, v, f"valid_{select}").values())
         cells.append(f"{format_number(mean)} ± {format_number(std)}")
-        best = mean_std(_per_seed(rows, v, "best_epoch").values())[0]
-        ran = mean_std(_per_seed(rows, v, "epochs_run").values())[0]
+        best = mean_std(per_seed(rows, v, "best_epoch").values())[0]
+        ran = mean_std(per_seed(rows, v, "epochs_run").values())[0]
         cells.append(" / ".join(f"{x:.1f}" if math.isfinite(x) else "n/a" for x in (best, ran)))
-        secs = mean_std(_per_seed(rows, v, "train_seconds").values())[0]
+        secs = mean_std(per_seed(rows, v, "train_seconds").values())[0]
         params = next((r.get("n_params") for r in rows if r["variant"] == v), None)
         cells += [f"{secs:.0f}" if math.isfinite(secs) else "n/a", str(params)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -258,7 +260,7 @@ def summary_markdown(rows: list[dict[str, Any]], baseline: str, data_line: str, 
             continue
         cells, n = [v], 0
         for m in metrics:
-            d = paired_difference(_per_seed(rows, baseline, f"test_{m}"), _per_seed(rows, v, f"test_{m}"))
+            d = paired_difference(per_seed(rows, baseline, f"test_{m}"), per_seed(rows, v, f"test_{m}"))
             n = max(n, d.n)
             if d.n == 0:
                 cells.append("n/a")
@@ -284,13 +286,12 @@ def data_line(files: str | Path | Mapping[str, str | Path],
     variants that use it."""
     if not isinstance(files, Mapping):
         return describe_data(files, data_sha256 if isinstance(data_sha256, str) else None)
+    shas = data_sha256 if isinstance(data_sha256, Mapping) else {}
     users: dict[str, list[str]] = {}
     for v, f in files.items():
         users.setdefault(str(f), []).append(v)
-    shas = data_sha256 if isinstance(data_sha256, Mapping) else {}
     if len(users) == 1:
-        (f, vs), = users.items()
-        return describe_data(f, shas.get(vs[0]) or (data_sha256 if isinstance(data_sha256, str) else None))
+        return describe_data(next(iter(users)), shas.get(next(iter(files))))
     return "; ".join(f"{', '.join(vs)}: {describe_data(f, shas.get(vs[0]))}" for f, vs in users.items())
 
 
@@ -334,7 +335,7 @@ def write_plots(rows: list[dict[str, Any]], baseline: str, out: Path,
     FigureCanvasAgg(fig)
     for i, m in enumerate(metrics):
         ax = fig.add_subplot(nrows, cols, i + 1)
-        stats = [mean_std(_per_seed(rows, v, f"test_{m}").values()) for v in variants]
+        stats = [mean_std(per_seed(rows, v, f"test_{m}").values()) for v in variants]
         means = [s[0] for s in stats]
         stds = [0.0 if not math.isfinite(s[1]) else s[1] for s in stats]
         ax.barh(range(len(variants)), means, xerr=stds, color=colors, capsize=2)
@@ -356,8 +357,8 @@ def write_plots(rows: list[dict[str, Any]], baseline: str, out: Path,
         FigureCanvasAgg(fig)
         for i, m in enumerate(metrics):
             ax = fig.add_subplot(nrows, cols, i + 1)
-            base = _per_seed(rows, baseline, f"test_{m}")
-            diffs = [paired_difference(base, _per_seed(rows, v, f"test_{m}")) for v in others]
+            base = per_seed(rows, baseline, f"test_{m}")
+            diffs = [paired_difference(base, per_seed(rows, v, f"test_{m}")) for v in others]
             for j, d in enumerate(diffs):
                 if not math.isfinite(d.mean):
                     continue
