@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--speaker", action="store_true")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: a temporary folder, removed)")
     p.add_argument("--summaries", nargs="+", metavar="DIR", help="report finished encoders instead of training")
     a = p.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
         return
 
     cfg = FinetuneConfig(context=a.context, speaker=a.speaker, epochs=a.epochs, max_length=a.max_length,
-                         batch_size=a.batch_size)
+                         batch_size=a.batch_size, seed=a.seed)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out) if a.out else Path(tmp) / "encoder"
