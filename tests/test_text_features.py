@@ -303,3 +303,32 @@ def test_build_real_iemocap_twice(tmp_path):
     second = build_text_features("iemocap", source, tmp_path / "b.pkl", cache_dir=tmp_path, progress=False)
     assert first["utterances"] == {"train": 5163, "dev": 647, "test": 1623}
     assert second["embedded"] == 0 and second["seconds"] < first["seconds"]
+
+
+def _conversation_file(path: Path, dim: int, seed: int, lengths: tuple[int, ...] = (3, 2)) -> Path:
+    rng = np.random.default_rng(seed)
+    layout = {split: [{"vid": f"{split}{i}", "speakers": ["M"] * n, "labels": [0] * n, "sentence": ["hi"] * n,
+                       "text": rng.normal(size=(n, dim)).astype(np.float32)} for i, n in enumerate(lengths)]
+              for split in ("train", "dev", "test")}
+    layout.update(label_names=["a", "b"], speakers=["M", "F"], meta={"dataset": "x", "encoder": f"e{dim}", "dim": dim})
+    path.write_bytes(pickle.dumps(layout, protocol=4))
+    return path
+
+
+def test_concat_tool_puts_two_files_vectors_side_by_side(tmp_path: Path) -> None:
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "concat_text_features.py"
+    a = _conversation_file(tmp_path / "a.pkl", 4, 0)
+    b = _conversation_file(tmp_path / "b.pkl", 3, 1)
+    out = tmp_path / "ab.pkl"
+    subprocess.run([sys.executable, str(tool), str(a), str(b), str(out)], check=True, capture_output=True)
+    got, da, db = (safe_load(p) for p in (out, a, b))
+    assert got["meta"]["dim"] == 7 and got["meta"]["concatenated"] == [str(a), str(b)]
+    for split in ("train", "dev", "test"):
+        for g, x, y in zip(got[split], da[split], db[split]):
+            np.testing.assert_array_equal(g["text"], np.concatenate([x["text"], y["text"]], axis=1))
+    other = _conversation_file(tmp_path / "c.pkl", 3, 1, lengths=(3, 3))
+    bad = subprocess.run([sys.executable, str(tool), str(a), str(other), str(tmp_path / "x.pkl")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "utterances" in bad.stderr and not (tmp_path / "x.pkl").exists()

@@ -39,6 +39,8 @@ def finetuned_table() -> str:
         rows.append(Row(f"{model}, frozen encoder", f"frozen{suffix}"))
         rows.append(Row(f"{model}, fine-tuned (utterance)", f"utt{suffix}", f"frozen{suffix}"))
         rows.append(Row(f"{model}, fine-tuned (+2 past turns)", f"ctx2{suffix}", f"frozen{suffix}"))
+        if suffix != "_causal":  # MELD only: the class-weighted utterance encoder
+            rows.append(Row(f"{model}, fine-tuned (utterance, class-weighted)", f"uttcw{suffix}", f"frozen{suffix}"))
     head = ("Test weighted F1 × 100, mean ± std over 5 CORECT seeds (one encoder fine-tuning seed per dataset; "
             "IEMOCAP-6 encoder seeds below); (Δ [95% t interval]) = paired difference to the same model on the "
             "frozen encoder's features, same seeds; \\* = the interval excludes 0. Real text of the transcripts; "
@@ -52,12 +54,16 @@ def encoders_table() -> str:
             Row("fine-tuned (utterance), cross-fitted train vectors", "utt_crossfit", "utt"),
             Row("fine-tuned (+2 past turns), plain train vectors", "ctx2", "frozen"),
             Row("fine-tuned (+2 past turns), cross-fitted train vectors", "ctx2_crossfit", "ctx2"),
-            Row("fine-tuned (+2 past turns), encoder seed 1, plain", "ctx2_enc1", "ctx2")]
+            Row("fine-tuned (+2 past turns), encoder seed 1, plain", "ctx2_enc1", "ctx2"),
+            Row("fine-tuned (+2 past turns), encoder seed 2, plain", "ctx2_enc2", "ctx2"),
+            Row("frozen and fine-tuned (utterance) side by side", "concat_utt", "frozen"),
+            Row("frozen and fine-tuned (+2 past turns) side by side", "concat_ctx2", "frozen")]
     head = ("CORECT offline on real IEMOCAP-6 text, weighted F1 × 100, mean ± std over 5 seeds; (Δ [95% t "
-            "interval]) = paired difference, same seeds, to the frozen encoder (plain rows), to the plain vectors "
-            "of the same encoder (cross-fitted rows) or to encoder seed 0 (the seed-1 row); \\* = the interval "
-            "excludes 0. Dev is the selection split (it decides plain vs cross-fitted); test is evaluated once "
-            "per run.\n\n")
+            "interval]) = paired difference, same seeds, to the frozen encoder (plain and side-by-side rows), to "
+            "the plain vectors of the same encoder (cross-fitted rows) or to encoder seed 0 (the seed-1 and "
+            "seed-2 rows); \\* = the interval excludes 0. Dev is the selection split (it decides plain vs "
+            "cross-fitted); test is evaluated once per run. Side by side: each utterance's frozen and fine-tuned "
+            "vectors concatenated (768-d).\n\n")
     folder = ROOT / "results" / "real_iemocap6_encoders"
     return head + cross_study_table({"dev": (folder, "valid"), "test": folder}, rows)
 
