@@ -82,6 +82,7 @@ def report_summaries(folders: list[str]) -> None:
         r, n = s["recipe"], s["utterances"]["train"]
         cpu = [c for c in s["epoch_cpu_seconds"] if c is not None]
         recipe = f"context {r['context']}" + (", speaker" if r["speaker"] else "")
+        recipe += ", class weights" if s.get("config", {}).get("class_weights") else ""
         wall = sorted(s["epoch_seconds"])[len(s["epoch_seconds"]) // 2]
         per_cpu = sorted(cpu)[len(cpu) // 2] if cpu else float("nan")
         print(f"{folder} | {s['dataset']} ({n} train) | {recipe} | {s.get('threads')} | "
