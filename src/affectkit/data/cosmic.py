@@ -135,13 +135,7 @@ def read_iemocap(path: str | Path, four_way: bool = False) -> CosmicData:
 
     def dialogue(vid: Any) -> Dialogue:
         spk, lab, sen = _parallel(path, vid, speakers, labels, sentences)
-        tags = [_speaker_tag(s, path, vid) for s in spk]
-        return Dialogue(
-            vid=str(vid),
-            speakers=tags,
-            labels=_labels(lab, n_labels, path, vid),
-            sentences=_sentences(sen, path, vid),
-        )
+        return _dialogue(path, vid, [_speaker_tag(s, path, vid) for s in spk], lab, n_labels, sen)
 
     splits, notes = _make_splits(path, dialogue, train, valid, test)
     label_names = list(IEMOCAP_LABELS)
@@ -197,12 +191,7 @@ def read_meld(path: str | Path) -> CosmicData:
         for s in spk:
             who = _one_hot(s, path, vid)
             tags.append(order.setdefault(who, str(len(order))))
-        return Dialogue(
-            vid=str(vid),
-            speakers=tags,
-            labels=_labels(lab, n_labels, path, vid),
-            sentences=_sentences(sen, path, vid),
-        )
+        return _dialogue(path, vid, tags, lab, n_labels, sen)
 
     splits, notes = _make_splits(path, dialogue, train, valid, test)
     notes += "; speakers: per-dialogue tags in order of first appearance"
@@ -250,6 +239,13 @@ def _parallel(path: Path, vid: Any, *tables: Mapping[Any, Any]) -> list[list[Any
         detail = ", ".join(f"{n} {k}" for n, k in zip(lengths, names))
         raise DataError(f"{path}: dialogue {vid!r}: lengths disagree ({detail})")
     return out
+
+
+def _dialogue(path: Path, vid: Any, tags: list[str], labels: list[Any], n_labels: int,
+              sentences: list[Any]) -> Dialogue:
+    """One checked dialogue from its speaker tags and its raw label and sentence lists."""
+    return Dialogue(vid=str(vid), speakers=tags, labels=_labels(labels, n_labels, path, vid),
+                    sentences=_sentences(sentences, path, vid))
 
 
 def _labels(values: list[Any], n_labels: int, path: Path, vid: Any) -> list[int]:
