@@ -3,7 +3,7 @@
     results/window_table.md     the price of the attention window (configs/studies/real_*_window.yaml)
     results/finetuned_table.md  frozen vs fine-tuned text encoder (configs/studies/real_*_finetuned.yaml)
     results/levers_table.md     what moved CORECT on a fine-tuned encoder (the same studies, paired to utt)
-    results/crossfit_table.md   plain vs cross-fitted train vectors on dev and test (IEMOCAP, the same studies)
+    results/crossfit_table.md   plain vs cross-fitted train vectors on dev and test (the same studies)
     results/encoders_table.md   plain vs cross-fitted train vectors, encoder seeds (real_iemocap6_encoders.yaml)
 
 Usage: python tools/cross_tables.py   (then python tools/embed_results.py copies them into README.md)
@@ -48,12 +48,15 @@ def finetuned_table() -> str:
             rows.append(Row(f"{model}, fine-tuned (utterance, 6 epochs)", "utt_e6", "frozen"))
         # MELD only: the utterance encoder fine-tuned with inverse-frequency class weights
         rows.append(Row(f"{model}, fine-tuned (utterance, class-weighted)", f"uttcw{suffix}", f"frozen{suffix}"))
+        if suffix != "_mlp":
+            rows.append(Row(f"{model}, fine-tuned (utterance, class-weighted), cross-fitted",
+                            f"uttcw_crossfit{suffix}", f"frozen{suffix}"))
     head = ("Test weighted F1 × 100, mean ± std over 5 CORECT seeds (one encoder fine-tuning seed per dataset; "
             "IEMOCAP-6 encoder seeds below); (Δ [95% t interval]) = paired difference to the same model on the "
             "frozen encoder's features, same seeds; \\* = the interval excludes 0. Real text of the transcripts; "
             "causal = the live preset (window 16, speakers by first appearance). Encoders fine-tuned for 3 epochs "
-            "unless stated; the 6-epoch row was run on IEMOCAP-4 only, the cross-fitted rows on IEMOCAP only, "
-            "the class-weighted rows on MELD only.\n\n")
+            "unless stated; the 6-epoch row was run on IEMOCAP-4 only, the plain cross-fitted rows on IEMOCAP "
+            "only, the class-weighted rows on MELD only.\n\n")
     return _table(head, "finetuned", rows)
 
 
@@ -74,12 +77,17 @@ def crossfit_table() -> str:
     rows = [Row("CORECT offline, plain train vectors", "utt"),
             Row("CORECT offline, cross-fitted train vectors", "utt_crossfit", "utt"),
             Row("CORECT causal, plain train vectors", "utt_causal"),
-            Row("CORECT causal, cross-fitted train vectors", "utt_crossfit_causal", "utt_causal")]
-    head = ("Plain vs cross-fitted train vectors of the utterance encoder (3 folds), dev and test weighted F1 × 100, "
-            "mean ± std over 5 seeds; (Δ [95% t interval]) = paired difference to the plain vectors, same seeds; "
+            Row("CORECT causal, cross-fitted train vectors", "utt_crossfit_causal", "utt_causal"),
+            Row("CORECT offline, class-weighted encoder, plain", "uttcw"),
+            Row("CORECT offline, class-weighted encoder, cross-fitted", "uttcw_crossfit", "uttcw"),
+            Row("CORECT causal, class-weighted encoder, plain", "uttcw_causal"),
+            Row("CORECT causal, class-weighted encoder, cross-fitted", "uttcw_crossfit_causal", "uttcw_causal")]
+    head = ("Plain vs cross-fitted train vectors of the utterance encoder (3 folds; on MELD the class-weighted "
+            "one), dev and test weighted F1 × 100, mean ± std over 5 seeds; (Δ [95% t interval]) = paired "
+            "difference to the plain vectors, same seeds; "
             "\\* = the interval excludes 0. Dev decides; test is evaluated once per run.\n\n")
     folders = {f"{name} {split}": (ROOT / "results" / f"real_{key}_finetuned", column)
-               for name, key in (("IEMOCAP-6", "iemocap6"), ("IEMOCAP-4", "iemocap4"))
+               for name, key in (("IEMOCAP-6", "iemocap6"), ("IEMOCAP-4", "iemocap4"), ("MELD", "meld"))
                for split, column in (("dev", "valid"), ("test", "test"))}
     return head + cross_study_table(folders, rows)
 
