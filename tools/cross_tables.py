@@ -74,14 +74,12 @@ def levers_table() -> str:
 
 
 def crossfit_table() -> str:
-    rows = [Row("CORECT offline, plain train vectors", "utt"),
-            Row("CORECT offline, cross-fitted train vectors", "utt_crossfit", "utt"),
-            Row("CORECT causal, plain train vectors", "utt_causal"),
-            Row("CORECT causal, cross-fitted train vectors", "utt_crossfit_causal", "utt_causal"),
-            Row("CORECT offline, class-weighted encoder, plain", "uttcw"),
-            Row("CORECT offline, class-weighted encoder, cross-fitted", "uttcw_crossfit", "uttcw"),
-            Row("CORECT causal, class-weighted encoder, plain", "uttcw_causal"),
-            Row("CORECT causal, class-weighted encoder, cross-fitted", "uttcw_crossfit_causal", "uttcw_causal")]
+    rows = []
+    for encoder, stem in (("utterance encoder", "utt"), ("class-weighted encoder", "uttcw")):
+        for model, suffix in (("offline", ""), ("causal", "_causal")):
+            rows += [Row(f"CORECT {model}, {encoder}, plain train vectors", f"{stem}{suffix}"),
+                     Row(f"CORECT {model}, {encoder}, cross-fitted train vectors", f"{stem}_crossfit{suffix}",
+                         f"{stem}{suffix}")]
     head = ("Plain vs cross-fitted train vectors of the utterance encoder (3 folds; on MELD the class-weighted "
             "one), dev and test weighted F1 × 100, mean ± std over 5 seeds; (Δ [95% t interval]) = paired "
             "difference to the plain vectors, same seeds; "
