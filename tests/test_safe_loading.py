@@ -96,3 +96,26 @@ def test_arrays_and_containers_still_load(tmp_path):
         back = safe_load(path)
         np.testing.assert_array_equal(back["a"], data["a"])
         assert {k: v for k, v in back.items() if k != "a"} == {k: v for k, v in data.items() if k != "a"}
+
+
+def test_python2_strings_decode_with_the_given_encoding(tmp_path):
+    """A Python 2 ``str`` (protocol 0 ``STRING``) is decoded as ASCII by default, latin-1 when asked (the
+    upstream IEMOCAP/MELD feature files are Python 2 pickles)."""
+    ascii_path, latin_path = tmp_path / "a.pkl", tmp_path / "l.pkl"
+    ascii_path.write_bytes(b"S'abc'\n.")
+    latin_path.write_bytes(b"S'\\xe9t\\xe9'\n.")
+    assert safe_load(ascii_path) == "abc"
+    assert safe_load(latin_path, encoding="latin1") == "\u00e9t\u00e9"
+    with pytest.raises(DataError, match=r"l\.pkl: not a readable pickle \(UnicodeDecodeError: 'ascii' codec"):
+        safe_load(latin_path)
+
+
+def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"^\S*missing\.pkl: file not found$"):
+        safe_load(tmp_path / "missing.pkl")
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^\S*empty\.pkl: not a readable pickle \(EOFError: Ran out of input\)$"):
+        safe_load(tmp_path / "empty.pkl")
+    (tmp_path / "cut.pkl").write_bytes(pickle.dumps(list(range(100)), protocol=4)[:40])
+    with pytest.raises(DataError, match=r"^\S*cut\.pkl: .*truncated.* \(only numpy arrays and plain containers"):
+        safe_load(tmp_path / "cut.pkl")
