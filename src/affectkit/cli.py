@@ -243,6 +243,20 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(summary["notes"])
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Labels and class probabilities for every utterance of a conversation file (labels not needed)."""
+    from affectkit.predict import FORMATS, format_predictions, predict_checkpoint, write_predictions
+
+    if args.out and Path(args.out).suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file")
+    names, rows = predict_checkpoint(args.checkpoint, args.data, args.split, device=args.device)
+    if args.out:
+        write_predictions(names, rows, args.out)
+        log.info("wrote %d predictions (%s) to %s", len(rows), ", ".join(names), args.out)
+    else:
+        sys.stdout.write(format_predictions(names, rows, ".csv"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="affectkit", description="Multimodal affect recognition toolkit.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -368,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", metavar="DIR", help="a finetune-text output folder instead of the shipped encoder")
     s.add_argument("--batch-size", type=int, default=64)
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("predict", help="labels and class probabilities for every utterance (labels not needed)")
+    s.add_argument("checkpoint", help="a conversation checkpoint (best.pt); causal ones predict as the live service")
+    s.add_argument("data", help="a conversation file, e.g. from affectkit import (labelled or not)")
+    s.add_argument("--out", help="predictions.csv or predictions.jsonl (default: CSV on stdout)")
+    s.add_argument("--split", action="append", help="split(s) to predict (default: all)")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps")
+    s.set_defaults(func=cmd_predict)
     return p
 
 
