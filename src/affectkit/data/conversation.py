@@ -193,10 +193,26 @@ class _RawDialogue:
     raw: dict[str, Any]
 
 
+def _our_layout(raw: Any, name: str) -> Any:
+    """The field's standard files (DialogueGCN/MMGCN tuples, MMSA dicts) converted to our layout; ours as is."""
+    from affectkit.data.mmsa import is_mmsa, mmsa_conversations
+    from affectkit.data.upstream import from_upstream, is_upstream
+
+    if is_upstream(raw):
+        return from_upstream(raw, name)
+    if is_mmsa(raw):
+        return mmsa_conversations(raw, name)
+    return raw
+
+
 def load_conversations(path: str | Path, modalities: Sequence[str] | None = None,
                        classes: Sequence[str] | None = None,
                        speakers: Sequence[str | int] | None = None, labelled: bool = True) -> ConversationData:
     """Load and validate a COGMEN/CORECT-layout conversation pickle; keep only ``modalities``.
+
+    The field's standard files are read too: DialogueRNN/DialogueGCN/MMGCN ``IEMOCAP_features.pkl`` and
+    ``MELD_features_raw1.pkl`` (:mod:`affectkit.data.upstream`) and MMSA's MOSI/MOSEI/SIMS pickles
+    (:mod:`affectkit.data.mmsa`).
 
     ``modalities=None`` keeps every modality the file holds.  A requested modality the file lacks, and
     any malformed dialogue, raise a one-line DataError naming the file, split and dialogue vid.
@@ -209,6 +225,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
     path = Path(path)
     name = str(path)
     raw = safe_load(path, encoding="latin1")
+    raw = _our_layout(raw, name)
     if not isinstance(raw, dict):
         raise DataError(f"{name}: expected a dict with splits {', '.join(SPLITS)}, got {type(raw).__name__}")
     for split in SPLITS:
