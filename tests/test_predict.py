@@ -43,7 +43,10 @@ def imported(tmp_path_factory) -> dict[str, Path]:
     offline = train(load_config(ROOT / "configs" / "corect_custom.yaml", [
         *TINY, "model.causal=false", "model.wf=2", "model.context=null", "model.speaker_mode=tags",
         f"out_dir={root / 'o'}"]), data_path=data).run_dir / "best.pt"
-    return {"root": root, "data": data, "causal": causal, "offline": offline}
+    per_dialogue = train(load_config(ROOT / "configs" / "corect_custom.yaml", [
+        *TINY, "model.causal=false", "model.wf=2", "model.context=null", f"out_dir={root / 'p'}"]),
+        data_path=data).run_dir / "best.pt"
+    return {"root": root, "data": data, "causal": causal, "offline": offline, "per_dialogue": per_dialogue}
 
 
 def test_causal_predictions_equal_live_sessions_and_the_causal_batch_model(imported):
@@ -130,3 +133,27 @@ def test_cli_predict_writes_csv_and_jsonl(imported, tmp_path, capsys):
     assert list(csv.reader(io.StringIO(printed)))[1][0] == "test"
     assert main(["predict", str(imported["causal"]), str(imported["data"]), "--out", str(tmp_path / "p.txt")]) == 2
     assert "use a .csv or .jsonl file" in capsys.readouterr().err
+
+
+def test_offline_per_dialogue_speakers_take_any_names(imported, tmp_path):
+    """An offline model with per-dialogue speakers: predictions equal eval's on the training file, do not
+    change when a dialogue's speakers are renamed, and more speakers than slots is one line."""
+    names, rows = predict_checkpoint(imported["per_dialogue"], imported["data"], ["train"], device="cpu")
+    model, cfg, info = load_model(imported["per_dialogue"])
+    task = get_task("conversation")
+    data = task.load_for_checkpoint(imported["data"], model_config(cfg.model_name, cfg.model_params), info)
+    res = evaluate(model, task, data, "train", 4, lambda out, batch: torch.tensor(0.0), info)
+    assert [names.index(r.label) for r in rows] == res.pred.tolist()
+    lines = EXAMPLE.read_text().splitlines()
+    renamed = [lines[0]] + [line.replace(",Ana,", ",Someone,").replace(",Ben,", ",Another,") for line in lines[1:]]
+    (tmp_path / "renamed.csv").write_text("\n".join(renamed) + "\n")
+    import_table(tmp_path / "renamed.csv", tmp_path / "renamed.pkl", embed=fake_embed)
+    again = {(r.dialogue, r.position): r for r in predict_checkpoint(imported["per_dialogue"], tmp_path / "renamed.pkl",
+                                                                     device="cpu")[1]}
+    for r in predict_checkpoint(imported["per_dialogue"], imported["data"], device="cpu")[1]:
+        assert again[(r.dialogue, r.position)].probs == pytest.approx(r.probs, abs=1e-6)
+    crowd = tmp_path / "crowd.csv"
+    crowd.write_text("dialogue,speaker,text\n" + "".join(f"big,P{i},line {i}\n" for i in range(30)))
+    import_table(crowd, tmp_path / "crowd.pkl", embed=fake_embed)
+    with pytest.raises(DataError, match="dialogue 'big' has 30 speakers; this model has 24 speaker slots"):
+        predict_checkpoint(imported["per_dialogue"], tmp_path / "crowd.pkl", device="cpu")
