@@ -296,3 +296,37 @@ def test_audio_goes_through_the_prosody_hook_or_is_skipped(tmp_path, monkeypatch
     assert load_conversations(tmp_path / "b.pkl").dims == {"text": 8}
     s = import_table(t, tmp_path / "c.pkl", embed=fake_embed, prosody=hook, audio=False)
     assert s["modalities"] == ["text"]
+
+
+class _FakeStandardiser:
+    """The interface of ``affectkit.audio.prosody.Standardiser`` (issue 19): fit, call, to_meta."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def fit(cls, rows: np.ndarray) -> _FakeStandardiser:
+        return cls(rows.mean(axis=0), rows.std(axis=0) + 1e-6)
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        return ((v - self.mean) / self.std).astype(np.float32)
+
+    def to_meta(self) -> dict:
+        return {"kind": "eGeMAPSv02-functionals", "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+def test_audio_is_standardised_on_train_when_the_audio_part_is_there(tmp_path, monkeypatch):
+    _wav(tmp_path / "a.wav", 2.0)
+    t = _write(tmp_path, "dialogue,speaker,text,label,audio,start,end\n" + "".join(
+        f"d{k},A,hi {k},{'xy'[k % 2]},a.wav,{k * 0.1},{k * 0.1 + 0.5}\n" for k in range(10)))
+    import affectkit.features.table as table_mod
+
+    monkeypatch.setattr(table_mod, "standardiser", lambda: _FakeStandardiser)
+    s = import_table(t, tmp_path / "a.pkl", embed=fake_embed, prosody=lambda p, a, b: np.arange(88) * (1 + a))
+    assert "audio: standardised with the train split" in s["notes"]
+    raw = pickle.loads((tmp_path / "a.pkl").read_bytes())
+    train = np.concatenate([d["audio"] for d in raw["train"]])
+    np.testing.assert_allclose(train.mean(0), 0, atol=1e-5)
+    assert raw["meta"]["audio_features"]["kind"] == "eGeMAPSv02-functionals" and raw["meta"]["labelled"]
+    s = import_table(t, tmp_path / "u.pkl", embed=fake_embed, labelled=False, prosody=lambda p, a, b: np.ones(88))
+    assert "not standardised (no train split" in s["notes"]

@@ -3,6 +3,8 @@
 The prosody front end (openSMILE eGeMAPSv02 functionals, 88 numbers) lives in ``affectkit.audio``, an
 optional part; when it cannot be imported, :func:`prosody_hook` returns None and the import keeps text
 only (saying so).  Without it a ``.wav`` file is still checked for readability with the standard library.
+As ``affectkit features audio`` does, the numbers are standardised with the train split's means and scales
+(``affectkit.audio.prosody.Standardiser``), written into the file's ``meta["audio_features"]``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import wave
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,3 +56,13 @@ def _prosody(path: Path, start: float | None, end: float | None) -> np.ndarray:
 def prosody_hook() -> ProsodyFn | None:
     """The prosody function of ``affectkit.audio`` when that part (and openSMILE) is installed, else None."""
     return _prosody if _available() else None
+
+
+def standardiser() -> Any:
+    """``affectkit.audio.prosody.Standardiser`` (fit on train rows, ``to_meta()`` into the file's meta, the
+    same transform live), or None when that part is not installed."""
+    try:
+        from affectkit.audio.prosody import Standardiser
+    except ImportError:
+        return None
+    return Standardiser

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from affectkit.data.audio_hook import ProsodyFn, prosody_hook, wav_seconds
+from affectkit.data.audio_hook import ProsodyFn, prosody_hook, standardiser, wav_seconds
 from affectkit.data.table import DEFAULT_FRACTIONS, SPLITS, Columns, Table, assign_splits, read_table
 from affectkit.errors import DataError
 from affectkit.features.inputs import InputRecipe, dialogue_inputs
@@ -54,6 +54,23 @@ def audio_features(table: Table, prosody: ProsodyFn) -> list[np.ndarray]:
                 raise DataError(f"{d.file}:{line}: column 'audio': {exc}") from None
         out.append(np.stack(rows))
     return out
+
+
+def standardise_audio(layout: dict[str, Any]) -> str:
+    """Standardise every dialogue's audio with ``affectkit.audio``'s Standardiser fitted on the train split
+    (its meta into ``layout["meta"]``, read by the live front end); returns a note saying what was done."""
+    cls = standardiser()
+    train = [d["audio"] for d in layout["train"]]
+    if cls is None or not train:
+        why = "no train split (predict applies the checkpoint's transform)" if cls is not None else \
+            "affectkit.audio is not installed"
+        return f"audio: raw prosody numbers, not standardised ({why})"
+    norm = cls.fit(np.concatenate(train))
+    for split in SPLITS:
+        for d in layout[split]:
+            d["audio"] = norm(d["audio"])
+    layout.setdefault("meta", {})["audio_features"] = norm.to_meta()
+    return "audio: standardised with the train split's means and scales (meta audio_features)"
 
 
 def import_table(source: str | Path, out: str | Path, *, columns: Mapping[str, str] | None = None,
@@ -109,6 +126,8 @@ def import_table(source: str | Path, out: str | Path, *, columns: Mapping[str, s
         if audio_arrays is not None:
             item["audio"] = audio_arrays[k]
         layout[d.split or "test"].append(item)
+    if audio_arrays is not None:
+        notes.append(standardise_audio(layout))
     if table.classes:
         layout["label_names"] = list(table.classes)
     layout["speakers"] = table.speakers
@@ -119,7 +138,7 @@ def import_table(source: str | Path, out: str | Path, *, columns: Mapping[str, s
     }
     if enc is not None and enc.ref is not None:
         meta["encoder_ref"] = enc.ref
-    layout["meta"] = meta
+    layout["meta"] = {**meta, **layout.get("meta", {})}
 
     out = Path(out)
     _atomic_write(out, lambda f: pickle.dump(layout, f, protocol=4))
