@@ -241,6 +241,85 @@ def _number(row: _Row, column: str) -> float | None:
     return value
 
 
+def _read_files(files: list[Path], columns: Columns, mapped: frozenset[str],
+                encoding: str) -> tuple[list[tuple[Path, list[_Row], set[str]]], list[str]]:
+    """(file, rows, column names) of every file, each holding rows and the required and mapped columns."""
+    per_file, notes = [], []
+    for path in files:
+        rows, header, used = read_rows(path, encoding)
+        if not rows:
+            raise DataError(f"{path}: no rows (only a header or blank lines)")
+        if used != "utf-8":
+            notes.append(f"{path.name}: read as {used} (not UTF-8)")
+            log.info("%s: not UTF-8; read as %s", path, used)
+        present = set(header) if header is not None else {k for r in rows for k in r.values}
+        first = 1 if header is not None else rows[0].line
+        for name in (*Columns.REQUIRED, *sorted(mapped)):
+            if getattr(columns, name) not in present:
+                hint = f" (map yours with --column {name}=NAME)" if name not in mapped else ""
+                raise DataError(f"{path}:{first}: column {getattr(columns, name)!r} ({name}) missing; "
+                                f"the table has: {', '.join(sorted(present))}{hint}")
+        per_file.append((path, rows, present))
+    return per_file, notes
+
+
+def _check_row(row: _Row, columns: Columns, labelled: bool, classes: list[str] | None, has_split: bool) -> None:
+    """The cells every row needs: speaker, text, a label (labelled tables; a declared one), a known split."""
+    if not _cell(row, columns.speaker):
+        raise _err(row, columns.speaker, "empty speaker")
+    text = row.values.get(columns.text)
+    if text is not None and not isinstance(text, str):
+        raise _err(row, columns.text, f"expected a string, got {type(text).__name__}")
+    if not _cell(row, columns.text):
+        raise _err(row, columns.text, "missing text (empty)")
+    if labelled:
+        label = _cell(row, columns.label)
+        if not label:
+            raise _err(row, columns.label, "missing label (a labelled table needs one on every row; "
+                                           "import with --unlabelled for prediction only)")
+        if classes is not None and label not in classes:
+            raise _err(row, columns.label, f"unknown label {label!r}; declared classes: {', '.join(classes)}")
+    if has_split and _cell(row, columns.split).lower() not in SPLIT_ALIASES:
+        raise _err(row, columns.split, f"split {_cell(row, columns.split).lower()!r} is not train, dev (valid) "
+                                       "or test")
+
+
+def _in_order(vid: str, items: list[tuple[_Row, int]], columns: Columns) -> list[_Row]:
+    """A dialogue's rows sorted by the order column; positions must follow each other (no gaps, no repeats)."""
+    items = sorted(items, key=lambda t: t[1])
+    for (prev, a), (row, b) in zip(items, items[1:]):
+        if a == b:
+            raise _err(row, columns.order, f"dialogue {vid!r}: position {b} repeats line {prev.line}")
+        if b != a + 1:
+            missing = f"{a + 1}" if b == a + 2 else f"{a + 1}-{b - 1}"
+            raise _err(row, columns.order, f"dialogue {vid!r}: position {b} follows {a}; a gap ({missing} missing)")
+    return [r for r, _ in items]
+
+
+def _split_of(vid: str, rows: list[_Row], columns: Columns) -> str:
+    split = SPLIT_ALIASES[_cell(rows[0], columns.split).lower()]
+    for r in rows[1:]:
+        if SPLIT_ALIASES[_cell(r, columns.split).lower()] != split:
+            raise _err(r, columns.split, f"dialogue {vid!r} is in split {split} on line {rows[0].line}; "
+                                         "a dialogue belongs to one split")
+    return split
+
+
+def _audio_of(rows: list[_Row], columns: Columns) -> list[tuple[Path, float | None, float | None]]:
+    """(file, start, end) per row; the file must exist (relative to the table) and end follow start."""
+    out = []
+    for r in rows:
+        start, end = _number(r, columns.start), _number(r, columns.end)
+        if start is not None and end is not None and end <= start:
+            raise _err(r, columns.end, f"end {end:g} s is not after start {start:g} s")
+        file = r.file.parent / _cell(r, columns.audio)
+        if not file.is_file():
+            raise _err(r, columns.audio, f"audio file {_cell(r, columns.audio)!r} not found "
+                                         f"(paths are relative to {r.file.parent})")
+        out.append((file, start, end))
+    return out
+
+
 def read_table(source: str | Path, columns: Columns | None = None, mapped: frozenset[str] = frozenset(),
                classes: Sequence[str] | None = None, encoding: str = "auto",
                labelled: bool | None = None) -> Table:
@@ -253,28 +332,7 @@ def read_table(source: str | Path, columns: Columns | None = None, mapped: froze
     """
     columns = columns or Columns()
     files = table_files(source)
-    per_file = []
-    notes = []
-    for path in files:
-        rows, header, used = read_rows(path, encoding)
-        if not rows:
-            raise DataError(f"{path}: no rows (only a header or blank lines)")
-        if used != "utf-8":
-            notes.append(f"{path.name}: read as {used} (not UTF-8)")
-            log.info("%s: not UTF-8; read as %s", path, used)
-        present = set(header) if header is not None else {k for r in rows for k in r.values}
-        first = 1 if header is not None else rows[0].line
-        for name in Columns.REQUIRED:
-            if getattr(columns, name) not in present:
-                have = ", ".join(sorted(present))
-                raise DataError(f"{path}:{first}: column {getattr(columns, name)!r} ({name}) missing; "
-                                f"the table has: {have} (map yours with --column {name}=NAME)")
-        for name in sorted(mapped):
-            if getattr(columns, name) not in present:
-                raise DataError(f"{path}:{first}: column {getattr(columns, name)!r} ({name}) missing; "
-                                f"the table has: {', '.join(sorted(present))}")
-        per_file.append((path, rows, present))
-
+    per_file, notes = _read_files(files, columns, mapped, encoding)
     has_label = all(columns.label in present for _, _, present in per_file)
     if labelled is None:
         labelled = has_label
@@ -288,12 +346,11 @@ def read_table(source: str | Path, columns: Columns | None = None, mapped: froze
         if not classes or any(not c for c in classes) or len(set(classes)) != len(classes):
             raise DataError(f"--classes must be distinct non-empty names, got {classes!r}")
 
-    groups: dict[str, list[tuple[_Row, int]]] = {}
+    groups: dict[str, list[tuple[_Row, int]]] = {}  # dialogue -> (row, position) in file order
     owner: dict[str, Path] = {}
-    audio_rows = 0
     ordered: set[str] = set()  # dialogues whose file has an order column
+    audio_rows = 0
     for path, rows, present in per_file:
-        has_order = columns.order in present
         for index, row in enumerate(rows):
             vid = _cell(row, columns.dialogue)
             if not vid:
@@ -301,38 +358,20 @@ def read_table(source: str | Path, columns: Columns | None = None, mapped: froze
             if owner.setdefault(vid, path) != path:
                 raise _err(row, columns.dialogue, f"dialogue {vid!r} also appears in {owner[vid]}; "
                                                   "dialogue ids must be unique across the files")
-            if not _cell(row, columns.speaker):
-                raise _err(row, columns.speaker, "empty speaker")
-            text = row.values.get(columns.text)
-            if text is not None and not isinstance(text, str):
-                raise _err(row, columns.text, f"expected a string, got {type(text).__name__}")
-            if not _cell(row, columns.text):
-                raise _err(row, columns.text, "missing text (empty)")
-            if labelled:
-                label = _cell(row, columns.label)
-                if not label:
-                    raise _err(row, columns.label, "missing label (a labelled table needs one on every row; "
-                                                   "import with --unlabelled for prediction only)")
-                if classes is not None and label not in classes:
-                    raise _err(row, columns.label, f"unknown label {label!r}; declared classes: "
-                                                   f"{', '.join(classes)}")
-            if has_split:
-                split = _cell(row, columns.split).lower()
-                if split not in SPLIT_ALIASES:
-                    raise _err(row, columns.split, f"split {split!r} is not train, dev (valid) or test")
+            _check_row(row, columns, labelled, classes, has_split)
             if has_audio and _cell(row, columns.audio):
                 audio_rows += 1
             elif _cell(row, columns.start) or _cell(row, columns.end):
                 raise _err(row, columns.start, "start/end given without an audio file")
-            order = index
-            if has_order:
+            position = index
+            if columns.order in present:
                 raw = _cell(row, columns.order)
                 try:
-                    order = int(raw)
+                    position = int(raw)
                 except ValueError:
                     raise _err(row, columns.order, f"{raw!r} is not an integer position") from None
                 ordered.add(vid)
-            groups.setdefault(vid, []).append((row, order))
+            groups.setdefault(vid, []).append((row, position))
     if has_audio and audio_rows not in (0, sum(len(r) for _, r, _ in per_file)):
         row = next(r for _, rows, _ in per_file for r in rows if not _cell(r, columns.audio))
         raise _err(row, columns.audio, "no audio file here but other rows have one: give every utterance its "
@@ -341,41 +380,14 @@ def read_table(source: str | Path, columns: Columns | None = None, mapped: froze
 
     dialogues = []
     for vid, items in groups.items():
-        if vid in ordered:
-            items = sorted(items, key=lambda t: t[1])
-            for (prev, a), (row, b) in zip(items, items[1:]):
-                if a == b:
-                    raise _err(row, columns.order, f"dialogue {vid!r}: position {b} repeats line {prev.line}")
-                if b != a + 1:
-                    missing = f"{a + 1}" if b == a + 2 else f"{a + 1}-{b - 1}"
-                    raise _err(row, columns.order, f"dialogue {vid!r}: position {b} follows {a}; a gap "
-                                                   f"({missing} missing)")
-        rows = [r for r, _ in items]
-        split = None
-        if has_split:
-            split = SPLIT_ALIASES[_cell(rows[0], columns.split).lower()]
-            for r in rows[1:]:
-                if SPLIT_ALIASES[_cell(r, columns.split).lower()] != split:
-                    raise _err(r, columns.split, f"dialogue {vid!r} is in split {split} on line {rows[0].line}; "
-                                                 "a dialogue belongs to one split")
-        audio = None
-        if has_audio:
-            audio = []
-            for r in rows:
-                start, end = _number(r, columns.start), _number(r, columns.end)
-                if start is not None and end is not None and end <= start:
-                    raise _err(r, columns.end, f"end {end:g} s is not after start {start:g} s")
-                file = r.file.parent / _cell(r, columns.audio)
-                if not file.is_file():
-                    raise _err(r, columns.audio, f"audio file {_cell(r, columns.audio)!r} not found "
-                                                 f"(paths are relative to {r.file.parent})")
-                audio.append((file, start, end))
+        rows = _in_order(vid, items, columns) if vid in ordered else [r for r, _ in items]
         dialogues.append(TableDialogue(
             vid=vid, file=rows[0].file, lines=[r.line for r in rows],
             speakers=[_cell(r, columns.speaker) for r in rows],
             sentences=[fix_cp1252(_cell(r, columns.text)) for r in rows],
             labels=[_cell(r, columns.label) for r in rows] if labelled else None,
-            split=split, audio=audio))
+            split=_split_of(vid, rows, columns) if has_split else None,
+            audio=_audio_of(rows, columns) if has_audio else None))
     if labelled and classes is None:
         classes = sort_tags({lab for d in dialogues for lab in d.labels or []})
     return Table(dialogues, classes if labelled else (list(classes) if classes else None), labelled, has_split,
