@@ -214,6 +214,9 @@ def test_fractions_declared_classes_and_the_split_column(tmp_path):
     t = _write(tmp_path, HEADER + _rows(10))
     s = import_table(t, tmp_path / "a.pkl", embed=fake_embed, fractions=(0.6, 0.2, 0.2))
     assert s["dialogues"] == {"train": 6, "dev": 2, "test": 2}
+    with pytest.raises(DataError, match=r"split fractions must be three numbers >= 0 \(train dev test\)"):
+        import_table(t, tmp_path / "e.pkl", embed=fake_embed, fractions=(0.8, -0.1, 0.3))
+    assert not (tmp_path / "e.pkl").exists()
     s = import_table(t, tmp_path / "b.pkl", embed=fake_embed, classes=["sad", "neutral", "happy", "angry"])
     assert load_conversations(tmp_path / "b.pkl").label_names == ["sad", "neutral", "happy", "angry"]
     head = "dialogue,speaker,text,label,split\n"
