@@ -264,6 +264,7 @@ def test_pearson_flattens_casts_and_needs_two_points(caplog: pytest.LogCaptureFi
     assert pearson(x.reshape(-1, 1), y.reshape(-1, 1)) == pytest.approx(r, abs=1e-15)
     assert pearson(x.reshape(2, 2), y.reshape(-1)) == pytest.approx(r, abs=1e-15)
     assert pearson(np.array([True, False, True]), np.array([1.0, 0.0, 1.0])) == pytest.approx(1.0)
+    assert pearson(np.array([1.0, 0.0, 1.0]), np.array([True, False, True])) == pytest.approx(1.0)
     assert pearson(np.array([0.0, 1.0]), np.array([5.0, 2.0])) == pytest.approx(-1.0)
     assert math.isnan(pearson(np.array([1.0]), np.array([2.0])))
     for pred, truth, side in ((np.ones(3), x[:3], "predictions"), (x[:3], np.ones(3), "labels")):

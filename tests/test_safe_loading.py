@@ -119,3 +119,10 @@ def test_unreadable_files_are_one_line_errors_naming_the_file(tmp_path):
     (tmp_path / "cut.pkl").write_bytes(pickle.dumps(list(range(100)), protocol=4)[:40])
     with pytest.raises(DataError, match=r"^\S*cut\.pkl: .*truncated.* \(only numpy arrays and plain containers"):
         safe_load(tmp_path / "cut.pkl")
+
+
+def test_an_allocation_bomb_is_a_one_line_error(tmp_path):
+    """``bytearray(10**18)`` (an allowed callable with a hostile size) fails in allocation, not later."""
+    (tmp_path / "bomb.pkl").write_bytes(b"c__builtin__\nbytearray\n(I1000000000000000000\ntR.")
+    with pytest.raises(DataError, match=r"^\S*bomb\.pkl: not a readable pickle \(MemoryError\)$"):
+        safe_load(tmp_path / "bomb.pkl")

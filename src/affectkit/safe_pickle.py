@@ -64,4 +64,5 @@ def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
         raise DataError(f"{path}: {exc} (only numpy arrays and plain containers are allowed)") from None
     except Exception as exc:  # a corrupt file raises many types (EOFError, OverflowError, MemoryError, ...)
         first = (str(exc).splitlines() or [""])[0]
-        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {first})") from None
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__  # MemoryError() has no text
+        raise DataError(f"{path}: not a readable pickle ({detail})") from None
