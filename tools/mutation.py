@@ -72,7 +72,7 @@ TARGETS: tuple[Target, ...] = (
     Target("store", "affectkit.serve.store", ("tests/test_serve.py",)),
     Target("access", "affectkit.serve.app", ("tests/test_serve.py",),
            ("x__plausible_id", "x__bearer", "x__require_access", "xǁServiceǁallow")),
-    Target("resume", "affectkit.studies.run", ("tests/test_studies.py",), ("x_is_done",)),
+    Target("resume", "affectkit.studies.run", ("tests/test_resume.py",), ("x_is_done",)),
 )
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
