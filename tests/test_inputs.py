@@ -26,6 +26,7 @@ def test_recipe_record_defaults_and_types():
 
 @pytest.mark.parametrize(("speakers", "sentences", "i"), [
     (["A", "B"], ["x", "y"], 2),   # past the end
+    (["A", "B", "C"], ["x", "y"], 2),  # past the end of the sentences, not of the speakers
     (["A", "B"], ["x", "y"], -1),  # before the start
     (["A"], ["x", "y"], 1),        # no speaker for it
     ([], ["x"], 0),

@@ -94,3 +94,10 @@ def test_a_missing_file_is_not_done(tmp_path, key):
     folder = _folder(tmp_path, cfg)
     (folder / key).unlink()
     assert is_done(folder, cfg, SHA) is False
+
+
+def test_another_model_is_not_done(tmp_path):
+    """Runs of two models share only some keys (each model has its own): a different model reruns."""
+    folder = _folder(tmp_path, _cfg())
+    assert is_done(folder, load_config(ROOT / "configs" / "mosi_lab.yaml", ["model.name=mosi_seq"]), SHA) is False
+    assert is_done(folder, load_config(ROOT / "configs" / "corect_iemocap4.yaml"), SHA) is False  # other keys
