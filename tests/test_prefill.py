@@ -105,6 +105,11 @@ def test_bad_input_names_the_utterance_and_leaves_the_session_empty():
     with pytest.raises(DataError, match=r"^utterance 6: text features have shape \(3,\)"):
         session.prefill(bad)
     assert len(session) == 0 and session.speaker_slots == {}
+    nan = log[8]["audio"].copy()
+    nan[1] = np.nan
+    with pytest.raises(DataError, match=r"^utterance 8: audio features hold 1 non-finite values"):
+        session.prefill([*log[:8], {**log[8], "audio": nan}, *log[9:]])
+    assert len(session) == 0 and session.speaker_slots == {}
     with pytest.raises(DataError, match="utterance 2: an utterance needs 'speaker'"):
         session.prefill([*log[:2], {"text": log[2]["text"]}])
     with pytest.raises(DataError, match="chunk must be an int >= 1"):

@@ -185,6 +185,26 @@ class StreamModel:
             feats[m] = _as_features(given[m], m, self.dims[m]).to(self.device)
         return feats
 
+    def features_of(self, utterances: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Many utterances' inputs as one (n, dim) tensor per modality, checked at once (a rebuild's log);
+        DataError naming the first bad utterance."""
+        out = {}
+        for m in self.modalities:
+            try:
+                x = np.stack([np.asarray(u.get(m), dtype=np.float32).reshape(-1) for u in utterances])
+                ok = x.shape[1] == self.dims[m] and bool(np.isfinite(x).all())
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:  # find the culprit and say what is wrong with it
+                for i, u in enumerate(utterances):
+                    try:
+                        self.features(u.get("text"), u.get("audio"), u.get("visual"))
+                    except DataError as exc:
+                        raise type(exc)(f"utterance {i}: {exc}") from None
+                raise DataError(f"{m} features: not one {self.dims[m]}-d vector per utterance")
+            out[m] = torch.from_numpy(x).to(self.device)
+        return out
+
     def check_text_encoder(self) -> None:
         """ConfigError unless raw text can be fed: the model reads text and its dim is the encoder's."""
         if "text" not in self.modalities:
@@ -391,22 +411,26 @@ class Stream:
         eng, n = self.engine, len(utterances)
         if n == 0:
             return
-        slots, feats = [], []
+        slots = []
         try:
             for i, u in enumerate(utterances):
                 _check_keys(u)
                 slots.append(self.speaker_slot(u["speaker"]))
-                feats.append(eng.features(u.get("text"), u.get("audio"), u.get("visual")))
                 self._record(u["speaker"], slots[-1], i)
         except DataError as exc:
             self.reset()
             raise type(exc)(f"utterance {i}: {exc}") from None
+        try:
+            feats = eng.features_of(utterances)
+        except DataError:
+            self.reset()
+            raise
         start = eng.prefill_start(n)
         state = eng.new_state()
         with torch.inference_mode():
             for a in range(start, n, chunk):
                 b = min(a + chunk, n)
-                step = _Step({m: torch.cat([f[m] for f in feats[a:b]], 1) for m in eng.modalities},
+                step = _Step({m: x[None, a:b] for m, x in feats.items()},
                              torch.tensor(slots[a:b], device=eng.device).view(1, -1),
                              torch.ones(1, b - a, dtype=torch.bool, device=eng.device),
                              torch.tensor([b - a], device=eng.device))
