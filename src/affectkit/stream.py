@@ -30,7 +30,7 @@ leaves the session as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -395,6 +395,12 @@ class Stream:
                 "utterance (model.context: null); reset the session or use a model trained with model.context")
 
     def prefill(self, utterances: Sequence[Mapping[str, Any]], chunk: int = PREFILL_CHUNK) -> None:
+        """Rebuild this empty session from its logged utterances (see :meth:`prefill_steps`) at once."""
+        for _ in self.prefill_steps(utterances, chunk):
+            pass
+
+    def prefill_steps(self, utterances: Sequence[Mapping[str, Any]],
+                      chunk: int = PREFILL_CHUNK) -> Iterator[int]:
         """Rebuild this empty session from its logged utterances (each with :meth:`push`'s arguments) in
         a few batched forwards of up to ``chunk`` utterances, through the same layers as :meth:`push`.
 
@@ -403,13 +409,18 @@ class Stream:
         and those rows cannot depend on older utterances, so the session then answers exactly as one pushed
         utterance by utterance (tested to 1e-5), and can rewind as far.  Every input is checked first: bad
         input raises DataError (naming its index) and the session stays empty.  No predictions are made for
-        the logged utterances (the log holds them)."""
+        the logged utterances (the log holds them).
+
+        A generator, so a service can interleave a rebuild with live work: each ``next`` checks the log (the
+        first) or runs one chunk, and yields how many utterances are left; the session takes its new state
+        just before the last yield (0).  Abandoned before that, the session stays empty."""
         if len(self):
             raise DataError(f"prefill rebuilds an empty session; this one has {len(self)} utterances (reset first)")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise DataError(f"prefill: chunk must be an int >= 1, got {chunk!r}")
         eng, n = self.engine, len(utterances)
         if n == 0:
+            yield 0
             return
         slots = []
         try:
@@ -425,24 +436,30 @@ class Stream:
         except DataError:
             self.reset()
             raise
+        names, self._names = self._names, {}  # the session stays empty until the state is complete
         start = eng.prefill_start(n)
         state = eng.new_state()
-        with torch.inference_mode():
-            for a in range(start, n, chunk):
-                b = min(a + chunk, n)
-                step = _Step({m: x[None, a:b] for m, x in feats.items()},
-                             torch.tensor(slots[a:b], device=eng.device).view(1, -1),
-                             torch.ones(1, b - a, dtype=torch.bool, device=eng.device),
-                             torch.tensor([b - a], device=eng.device))
+        for a in range(start, n, chunk):
+            b = min(a + chunk, n)
+            step = _Step({m: x[None, a:b] for m, x in feats.items()},
+                         torch.tensor(slots[a:b], device=eng.device).view(1, -1),
+                         torch.ones(1, b - a, dtype=torch.bool, device=eng.device),
+                         torch.tensor([b - a], device=eng.device))
+            with torch.inference_mode():
                 eng.model(step, state)
+            if b < n:
+                yield n - b
+        with torch.inference_mode():
             state.shift(start)
         if state.nbytes() > eng.max_state_bytes:
-            self.reset()
             raise SessionFullError(
                 f"session state would be {state.nbytes() / 2**20:.1f} MiB after {n} utterances, over "
                 f"max_state_bytes ({eng.max_state_bytes / 2**20:.1f} MiB): this model keeps every past "
                 "utterance (model.context: null)")
-        self._state = state
+        if len(self):
+            raise DataError("prefill: the session was pushed while it was being rebuilt")
+        self._state, self._names = state, names
+        yield 0
 
     def push(self, speaker: Any, text: Any = None, audio: Any = None, visual: Any = None) -> Prediction:
         """Classify the next utterance from its features (one 1-D vector per modality the model reads;

@@ -5,13 +5,21 @@ a single thread, and resolves each caller's future with its own result (or the b
 The queue is bounded: :meth:`Batcher.submit` raises :class:`Overloaded` at once when it is full, so
 overload is answered, never buffered without end.  Items whose caller went away (cancelled future)
 are dropped before the batch runs.  ``max_batch=1`` turns batching off (the benchmark's baseline).
+
+Background work (rebuilding sessions from their log) goes to a second, bounded lane of *jobs*
+(:meth:`Batcher.submit_job`): a job is a generator run on the same worker thread one piece (one ``next``)
+at a time, and the worker runs at most one piece between two batches of live items.  So live items wait
+behind at most one piece of a job, never behind the whole lane, while jobs still progress under full live
+load and run back to back when there is none.  Jobs run first come, first served; a job whose caller went
+away is closed and dropped before its next piece; a full lane raises :class:`Overloaded` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -33,10 +41,10 @@ class Batcher(Generic[T]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[Any]], max_batch: int = 32, max_wait_ms: float = 2.0,
                  max_queue: int = 256, executor: ThreadPoolExecutor | None = None,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0; got "
-                              f"{max_batch}, {max_queue}, {max_wait_ms}")
+                 on_batch: Callable[[int, float], None] | None = None, max_jobs: int = 64) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_jobs < 1:
+            raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, max_jobs >= 1; "
+                              f"got {max_batch}, {max_queue}, {max_wait_ms}, {max_jobs}")
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.max_queue = max_queue
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="affectkit-infer")
@@ -44,11 +52,20 @@ class Batcher(Generic[T]):
         self.on_batch = on_batch
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.max_jobs = max_jobs
+        self._jobs: deque[tuple[Generator[Any, None, Any], asyncio.Future[Any]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self.jobs_dropped = 0  # jobs closed because their caller went away
 
     @property
     def depth(self) -> int:
         """Items waiting (not counting the batch being run)."""
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def jobs_waiting(self) -> int:
+        """Jobs in the lane (including the one in progress)."""
+        return len(self._jobs)
 
     @property
     def running(self) -> bool:
@@ -57,6 +74,7 @@ class Batcher(Generic[T]):
     def start(self) -> None:
         """Start the worker on the running event loop."""
         self._queue = asyncio.Queue(self.max_queue)
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._work(), name="affectkit-batcher")
 
     async def stop(self) -> None:
@@ -69,6 +87,8 @@ class Batcher(Generic[T]):
                 pass
         while self._queue is not None and not self._queue.empty():
             self._queue.get_nowait()[1].cancel()
+        while self._jobs:
+            self._jobs.popleft()[1].cancel()
         if self._own_executor:
             self.executor.shutdown(wait=True)
 
@@ -82,43 +102,102 @@ class Batcher(Generic[T]):
             self._queue.put_nowait((item, fut))
         except asyncio.QueueFull:
             raise Overloaded(f"queue full ({self.max_queue} utterances waiting)") from None
+        assert self._wake is not None
+        self._wake.set()
         return await fut
+
+    def submit_job(self, job: Generator[Any, None, Any], what: str = "jobs") -> asyncio.Future[Any]:
+        """Queue a background job (a generator; its return value is the result) in the lane; returns its
+        future (cancel it to drop the job).  Raises :class:`Overloaded` at once when ``max_jobs`` wait."""
+        if self._queue is None or not self.running:
+            job.close()
+            raise Overloaded("the service is not running")
+        if len(self._jobs) >= self.max_jobs:
+            job.close()
+            raise Overloaded(f"too many {what} waiting ({self.max_jobs})")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.append((job, fut))
+        assert self._wake is not None
+        self._wake.set()
+        return fut
 
     def run_sync(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn(*args)`` on the worker thread (serialised with the batches), as an awaitable."""
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _work(self) -> None:
-        assert self._queue is not None
-        queue, loop = self._queue, asyncio.get_running_loop()
+        assert self._queue is not None and self._wake is not None
+        queue, loop, wake = self._queue, asyncio.get_running_loop(), self._wake
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            live = [(item, fut) for item, fut in batch if not fut.done()]
-            if not live:
+            while queue.empty() and not self._jobs:
+                wake.clear()
+                await wake.wait()
+            if not queue.empty():
+                await self._run_batch(queue, loop)
+            await self._run_piece(loop)
+
+    async def _run_batch(self, queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]],
+                         loop: asyncio.AbstractEventLoop) -> None:
+        """Take what is queued (up to ``max_batch``, waiting ``max_wait`` for more) and run it."""
+        batch = [queue.get_nowait()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
                 continue
-            start = time.perf_counter()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
-            except Exception as exc:  # the whole batch failed: every caller gets the error
-                results = [exc] * len(live)
-            if self.on_batch is not None:
-                self.on_batch(len(live), time.perf_counter() - start)
-            for (_, fut), res in zip(live, results):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        live = [(item, fut) for item, fut in batch if not fut.done()]
+        if not live:
+            return
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
+        except Exception as exc:  # the whole batch failed: every caller gets the error
+            results = [exc] * len(live)
+        if self.on_batch is not None:
+            self.on_batch(len(live), time.perf_counter() - start)
+        for (_, fut), res in zip(live, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    async def _run_piece(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one piece of the first job in the lane (dropping jobs whose caller went away)."""
+        while self._jobs and self._jobs[0][1].done():
+            job, _ = self._jobs.popleft()
+            self.jobs_dropped += 1
+            await loop.run_in_executor(self.executor, job.close)  # its cleanup runs on the worker thread
+        if not self._jobs:
+            return
+        job, fut = self._jobs[0]
+        try:
+            done, value = await loop.run_in_executor(self.executor, _advance, job)
+        except Exception as exc:  # noqa: BLE001 - the job failed: its caller gets the error
+            done, value = True, exc
+        if not done:
+            return
+        self._jobs.popleft()
+        if fut.done():
+            return
+        if isinstance(value, BaseException):
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+
+def _advance(job: Generator[Any, None, Any]) -> tuple[bool, Any]:
+    """One ``next`` of ``job``: (False, None) while it goes on, (True, its return value) when it ends."""
+    try:
+        next(job)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, None

@@ -1,6 +1,10 @@
 """The live sessions of the service: one :class:`~affectkit.stream.Stream` per session, kept in memory
-while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by
-replaying it through the same engine, so a rebuilt session answers exactly as one that never left.
+while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by a
+prefill through the same engine (:meth:`~affectkit.stream.Stream.prefill_steps`: a few batched forwards
+over the log's tail, not one per logged utterance), so a rebuilt session answers exactly as one that
+never left.  A reconnecting client's rebuild is a job of the batcher's rebuild lane (:meth:`SessionPool.restore`,
+one piece per turn between live batches); a live utterance for a session not in memory finishes its
+rebuild at once (:meth:`SessionPool.get`), so a session is never rebuilt twice nor pushed half-built.
 
 Every method runs on the batcher's single worker thread (the one owner of model state and of the
 store's writes), so nothing here needs a lock.
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +67,16 @@ class Live:
     used: float
 
 
+@dataclass
+class _Rebuild:
+    """A session being rebuilt: its Live (speakers known, state not yet), the prefill's remaining pieces and
+    the text turns a fine-tuned encoder reads with later ones."""
+
+    live: Live
+    steps: Iterator[int]
+    turns: list[tuple[int, str, str]]
+
+
 class SessionPool:
     """Live sessions over one shared engine (``base``, an empty :class:`Stream`), backed by ``store``.
 
@@ -75,37 +89,84 @@ class SessionPool:
         self.base, self.store, self.tags, self.embed = base, store, list(tags), embed
         self.idle_s, self.max_live = idle_s, max_live
         self.live: OrderedDict[str, Live] = OrderedDict()
+        self.rebuilding: dict[str, _Rebuild] = {}
         self.rebuilt = 0
 
     # -- state
 
     def get(self, session_id: str) -> Live:
-        """The live session, rebuilt from the log if it is not in memory."""
+        """The live session, rebuilt from the log at once if it is not in memory (finishing a rebuild the
+        lane has begun)."""
         live = self.live.get(session_id)
         if live is None:
-            if self.store.session(session_id) is None:
-                raise UnknownSession(f"session {session_id} does not exist (deleted?)")
-            live = self._replay(session_id)
-            self.live[session_id] = live
-            self.rebuilt += 1
-            self._cap()
+            job = self.rebuilding.get(session_id) or self._begin(session_id)
+            try:
+                for _ in job.steps:
+                    pass
+            except Exception:
+                self.rebuilding.pop(session_id, None)
+                raise
+            live = self._install(session_id, job)
         self.live.move_to_end(session_id)
         live.used = time.monotonic()
         return live
 
-    def _replay(self, session_id: str) -> Live:
+    def restore(self, session_id: str) -> Generator[None, None, tuple[int, list[str]]]:
+        """Make a session live, a piece at a time (a job of the batcher's rebuild lane): read its log, then
+        run its prefill chunk by chunk, yielding between pieces; returns (next position, participants).
+        Abandoned (closed) half-way, its partial rebuild is forgotten."""
+        job: _Rebuild | None = None
+        try:
+            while session_id not in self.live:
+                if job is None or self.rebuilding.get(session_id) is not job:
+                    job = self.rebuilding.get(session_id)
+                    if job is None:  # reading the log is the first piece
+                        job = self.rebuilding[session_id] = self._begin(session_id)
+                        yield
+                        continue
+                try:
+                    left = next(job.steps)
+                except Exception:
+                    self.rebuilding.pop(session_id, None)
+                    raise
+                if left == 0:
+                    self._install(session_id, job)
+                else:
+                    yield
+        finally:
+            if session_id not in self.live and job is not None and self.rebuilding.get(session_id) is job:
+                del self.rebuilding[session_id]
+        return self.position(session_id)
+
+    def _begin(self, session_id: str) -> _Rebuild:
+        """Read a session's log and set up its prefill (nothing runs yet)."""
+        if self.store.session(session_id) is None:
+            raise UnknownSession(f"session {session_id} does not exist (deleted?)")
         live = Live(self.base.new_session(), [], time.monotonic())
+        utterances: list[dict[str, Any]] = []
+        turns: list[tuple[int, str, str]] = []
         for rec in self.store.records(session_id):
             tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
-            pred = live.stream.push(tag, **rec.features)
-            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
-                live.stream.remember_turn(pred.position, rec.speaker, rec.text)
             if new:
                 live.speakers.append(rec.speaker)
-        return live
+            utterances.append({"speaker": tag, **rec.features})
+            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
+                turns.append((rec.position, rec.speaker, rec.text))
+        return _Rebuild(live, live.stream.prefill_steps(utterances), turns)
+
+    def _install(self, session_id: str, job: _Rebuild) -> Live:
+        """A finished rebuild becomes the live session."""
+        self.rebuilding.pop(session_id, None)
+        for position, speaker, text in job.turns:
+            job.live.stream.remember_turn(position, speaker, text)
+        self.live[session_id] = job.live
+        self.rebuilt += 1
+        self._cap()
+        return job.live
 
     def drop(self, session_id: str) -> None:
         self.live.pop(session_id, None)
+        self.rebuilding.pop(session_id, None)
 
     def sweep(self, now: float | None = None) -> int:
         """Evict sessions idle for ``idle_s`` or more; returns how many."""
