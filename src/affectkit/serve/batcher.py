@@ -8,10 +8,13 @@ are dropped before the batch runs.  ``max_batch=1`` turns batching off (the benc
 
 Background work (rebuilding sessions from their log) goes to a second, bounded lane of *jobs*
 (:meth:`Batcher.submit_job`): a job is a generator run on the same worker thread one piece (one ``next``)
-at a time, and the worker runs at most one piece between two batches of live items.  So live items wait
-behind at most one piece of a job, never behind the whole lane, while jobs still progress under full live
-load and run back to back when there is none.  Jobs run first come, first served; a job whose caller went
-away is closed and dropped before its next piece; a full lane raises :class:`Overloaded` at once.
+at a time.  Between two batches of live items the worker gives the lane a slice: pieces for up to
+``job_slice_ms`` (at least one piece, fewer when the lane runs dry).  So a live item waits behind at most one
+slice plus one piece of background work, never behind the whole lane, while jobs still progress under full
+live load and run back to back when there is none; the slice also lets the live items that finished jobs
+release (a rebuilt session's first utterance) gather into one batch instead of one batch each.  Jobs run
+first come, first served; a job whose caller went away is closed and dropped before its next piece; a full
+lane raises :class:`Overloaded` at once.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ class Batcher(Generic[T]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[Any]], max_batch: int = 32, max_wait_ms: float = 2.0,
                  max_queue: int = 256, executor: ThreadPoolExecutor | None = None,
-                 on_batch: Callable[[int, float], None] | None = None, max_jobs: int = 64) -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_jobs < 1:
-            raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, max_jobs >= 1; "
-                              f"got {max_batch}, {max_queue}, {max_wait_ms}, {max_jobs}")
+                 on_batch: Callable[[int, float], None] | None = None, max_jobs: int = 64,
+                 job_slice_ms: float = 0.0) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_jobs < 1 or job_slice_ms < 0:
+            raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, max_jobs >= 1, "
+                              f"job_slice_ms >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, {max_jobs}, "
+                              f"{job_slice_ms}")
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.max_queue = max_queue
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="affectkit-infer")
@@ -52,7 +57,7 @@ class Batcher(Generic[T]):
         self.on_batch = on_batch
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.max_jobs = max_jobs
+        self.max_jobs, self.job_slice = max_jobs, job_slice_ms / 1000
         self._jobs: deque[tuple[Generator[Any, None, Any], asyncio.Future[Any]]] = deque()
         self._wake: asyncio.Event | None = None
         self.jobs_dropped = 0  # jobs closed because their caller went away
@@ -134,7 +139,9 @@ class Batcher(Generic[T]):
                 await wake.wait()
             if not queue.empty():
                 await self._run_batch(queue, loop)
-            await self._run_piece(loop)
+            end = loop.time() + self.job_slice
+            while await self._run_piece(loop) and loop.time() < end:
+                pass
 
     async def _run_batch(self, queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]],
                          loop: asyncio.AbstractEventLoop) -> None:
@@ -170,28 +177,28 @@ class Batcher(Generic[T]):
             else:
                 fut.set_result(res)
 
-    async def _run_piece(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run one piece of the first job in the lane (dropping jobs whose caller went away)."""
+    async def _run_piece(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run one piece of the first job in the lane (dropping jobs whose caller went away); False if
+        the lane was empty."""
         while self._jobs and self._jobs[0][1].done():
             job, _ = self._jobs.popleft()
             self.jobs_dropped += 1
             await loop.run_in_executor(self.executor, job.close)  # its cleanup runs on the worker thread
         if not self._jobs:
-            return
+            return False
         job, fut = self._jobs[0]
         try:
             done, value = await loop.run_in_executor(self.executor, _advance, job)
         except Exception as exc:  # noqa: BLE001 - the job failed: its caller gets the error
             done, value = True, exc
-        if not done:
-            return
-        self._jobs.popleft()
-        if fut.done():
-            return
-        if isinstance(value, BaseException):
-            fut.set_exception(value)
-        else:
-            fut.set_result(value)
+        if done:
+            self._jobs.popleft()
+            if not fut.done():
+                if isinstance(value, BaseException):
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+        return True
 
 
 def _advance(job: Generator[Any, None, Any]) -> tuple[bool, Any]:
