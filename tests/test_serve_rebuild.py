@@ -81,31 +81,32 @@ def test_live_items_wait_behind_at_most_one_slice_of_background_work(slice_ms):
         with lock:
             log.append(entry)
 
-    def job(name: str, pieces: int):
-        for k in range(pieces):
-            note("piece", (name, k))
-            time.sleep(0.004)
-            yield
-        return name
+    def jobs(requests, alive):
+        for name in requests:
+            for k in range(6):
+                note("piece", (name, k))
+                time.sleep(0.004)
+                yield
+        return [f"{name} done" for name in requests]
 
     def live(items):
         note("batch", tuple(items))
         return items
 
     async def main():
-        b = Batcher(live, max_batch=4, max_wait_ms=0, max_jobs=8, job_slice_ms=slice_ms)
+        b = Batcher(live, max_batch=4, max_wait_ms=0, jobs=jobs, max_jobs=8, max_job_batch=2, job_slice_ms=slice_ms)
         b.start()
-        jobs = [b.submit_job(job(f"j{k}", 6)) for k in range(3)]
+        requests = [b.submit_job(f"j{k}") for k in range(3)]
         answers = []
         for x in range(10):  # a steady live load while the jobs run
             note("submit", x)
             answers.append(await b.submit(x))
-        done = await asyncio.gather(*jobs)
+        done = await asyncio.gather(*requests)
         await b.stop()
         return answers, done
 
     answers, done = asyncio.run(main())
-    assert answers == list(range(10)) and done == ["j0", "j1", "j2"]
+    assert answers == list(range(10)) and done == ["j0 done", "j1 done", "j2 done"]
     pieces = [e[1] for e in log if e[0] == "piece"]
     assert pieces == [(f"j{j}", k) for j in range(3) for k in range(6)]  # first come, first served
     bound = 1 + (slice_ms // 4 + 1 if slice_ms else 0)
@@ -118,39 +119,74 @@ def test_live_items_wait_behind_at_most_one_slice_of_background_work(slice_ms):
         assert max(waited) >= 2, waited
 
 
-def test_the_lane_is_bounded_and_drops_jobs_whose_caller_left():
+def test_the_lane_is_bounded_and_drops_requests_whose_caller_left():
     ran: list[str] = []
     closed: list[str] = []
+    skipped: list[str] = []
     gate = threading.Event()
 
-    def job(name: str):
+    def jobs(requests, alive):
         try:
-            ran.append(name)
-            gate.wait(5)
-            yield
-            ran.append(name + " again")
+            for i, name in enumerate(requests):
+                if not alive(i):
+                    skipped.append(name)
+                    continue
+                ran.append(name)
+                gate.wait(5)
+                yield
+            return [f"{name} done" for name in requests]
         finally:
-            closed.append(name)
+            closed.append("+".join(requests))
 
     async def main():
-        b = Batcher(lambda items: items, max_jobs=2)
+        b = Batcher(lambda items: items, jobs=jobs, max_jobs=2, max_job_batch=1)
         b.start()
-        first = b.submit_job(job("first"))
+        first = b.submit_job("first")
         await asyncio.sleep(0.05)  # the first piece of "first" holds the worker
-        second = b.submit_job(job("second"))
+        second = b.submit_job("second")
         with pytest.raises(Overloaded, match="too many rebuilds waiting \\(2\\)"):
-            b.submit_job(job("third"), "rebuilds")
-        first.cancel()  # both callers go away: "first" mid-way, "second" before it began
+            b.submit_job("third", "rebuilds")
+        first.cancel()  # both callers go away: "first" mid-way, "second" before its job began
         second.cancel()
         gate.set()
         while b.jobs_waiting:
             await asyncio.sleep(0.01)
         dropped = b.jobs_dropped
+        b.max_jobs = b.max_job_batch = 3  # a job of three requests whose middle caller leaves before its turn
+        gate.clear()
+        group = [b.submit_job(name) for name in ("a", "b", "c")]
+        while "a" not in ran:
+            await asyncio.sleep(0.01)
+        group[1].cancel()
+        gate.set()
+        out = await asyncio.gather(group[0], group[2])
         await b.stop()
-        return dropped
+        return dropped, out
 
-    assert asyncio.run(main()) == 2
-    assert ran == ["first"] and closed == ["first"]  # closed mid-way; the others never began
+    dropped, out = asyncio.run(main())
+    assert dropped == 2 and ran == ["first", "a", "c"] and skipped == ["b"]
+    assert closed == ["first", "a+b+c"] and out == ["a done", "c done"]
+
+
+def test_a_group_rebuild_goes_live_at_once_and_never_replaces_a_stepped_session(model, tmp_path):
+    ids = [sid for sid, _ in _stored(tmp_path / "log.db", model, 3, 10)]
+    store = Store(tmp_path / "log.db")
+    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    job = pool.rebuild([ids[0], ids[1], ids[2], ids[0]])
+    for _ in range(4):  # three logs read, then the first prefill
+        next(job)
+    assert not pool.live  # nobody is live before all are rebuilt
+    # meanwhile a live utterance for ids[1]: rebuilt at once and stepped (position 10 appended)
+    (pred, _), = pool.step([Item(ids[1], "Ann", "meanwhile", {})])
+    assert pred.position == 10 and list(pool.live) == [ids[1]]
+    with pytest.raises(StopIteration) as end:
+        while True:
+            next(job)
+    assert end.value.value == [(10, ["Ann", "Bob"]), (11, ["Ann", "Bob"]), (10, ["Ann", "Bob"]),
+                               (10, ["Ann", "Bob"])]
+    assert pool.rebuilt == 3 and len(pool.live[ids[1]].stream) == 11  # the stepped state was kept
+    np.testing.assert_allclose(pool.step([Item(ids[0], "Bob", "next", {})])[0][0].probs,
+                               _reference(model, [*_conversation(10, ids[0]), ("Bob", "next")])[10].probs, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- the service
@@ -183,14 +219,14 @@ def _gated_service(model, path: Path, **settings):
     app = create_app(model, path, ServeSettings(**{"rebuild_slice_ms": 0.0, **settings}), embed=embed)
 
     def instrument(svc) -> None:
-        restore, step, submit = svc.pool.restore, svc.batcher.fn, svc.batcher.submit
+        jobs, step, submit = svc.batcher.job_fn, svc.batcher.fn, svc.batcher.submit
 
-        def logged_restore(session_id):
-            inner = restore(session_id)
+        def logged_jobs(session_ids, alive):
+            inner = jobs(session_ids, alive)
             try:
                 while True:
+                    log.append(("piece", tuple(session_ids)))
                     gate.wait(10)
-                    log.append(("piece", session_id))
                     next(inner)
                     yield
             except StopIteration as stop:
@@ -206,7 +242,7 @@ def _gated_service(model, path: Path, **settings):
             log.append(("submit", item.session))
             return await submit(item)
 
-        svc.pool.restore, svc.batcher.fn, svc.batcher.submit = logged_restore, logged_step, logged_submit
+        svc.batcher.job_fn, svc.batcher.fn, svc.batcher.submit = logged_jobs, logged_step, logged_submit
 
     return app, gate, log, instrument
 
@@ -248,6 +284,7 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
         instrument(svc)
         gate.clear()
         first = _connect(c, stack, *ids[0])
+        _wait_for(lambda: ("piece", (ids[0][0],)) in log, "the first rebuild to start")
         with c.websocket_connect(f"/v1/sessions/{ids[1][0]}/stream?token={ids[1][1]}"):
             _wait_for(lambda: svc.batcher.jobs_waiting == 2, "two rebuilds in the lane")
             refused = _connect(c, stack, *ids[2])
@@ -261,5 +298,5 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
         assert first.receive_json()["position"] == 5
         _wait_for(lambda: svc.batcher.jobs_waiting == 0, "the lane to empty")
         assert svc.batcher.jobs_dropped == 1
-        assert ("piece", ids[1][0]) not in log and set(svc.pool.live) == {ids[0][0]}
+        assert not any(ids[1][0] in e[1] for e in log) and set(svc.pool.live) == {ids[0][0]}
         assert 'affectkit_errors_total{kind="overloaded"} 1.0' in c.get("/metrics").text

@@ -411,16 +411,15 @@ class Stream:
         input raises DataError (naming its index) and the session stays empty.  No predictions are made for
         the logged utterances (the log holds them).
 
-        A generator, so a service can interleave a rebuild with live work: each ``next`` checks the log (the
-        first) or runs one chunk, and yields how many utterances are left; the session takes its new state
-        just before the last yield (0).  Abandoned before that, the session stays empty."""
+        A generator, so a service can interleave a rebuild with live work: it checks the log and runs the
+        first chunk, then yields how many utterances are left before each further chunk; the session takes its
+        new state when the generator ends.  Abandoned before that, the session stays empty."""
         if len(self):
             raise DataError(f"prefill rebuilds an empty session; this one has {len(self)} utterances (reset first)")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise DataError(f"prefill: chunk must be an int >= 1, got {chunk!r}")
         eng, n = self.engine, len(utterances)
         if n == 0:
-            yield 0
             return
         slots = []
         try:
@@ -459,7 +458,6 @@ class Stream:
         if len(self):
             raise DataError("prefill: the session was pushed while it was being rebuilt")
         self._state, self._names = state, names
-        yield 0
 
     def push(self, speaker: Any, text: Any = None, audio: Any = None, visual: Any = None) -> Prediction:
         """Classify the next utterance from its features (one 1-D vector per modality the model reads;

@@ -150,7 +150,8 @@ class Service:
         self.metrics = Metrics()
         self.batcher: Batcher[Item] = Batcher(self.pool.step, settings.max_batch, settings.max_wait_ms,
                                               settings.max_queue, on_batch=self._on_batch,
-                                              max_jobs=settings.max_rebuilds, job_slice_ms=settings.rebuild_slice_ms)
+                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
+                                              job_slice_ms=settings.rebuild_slice_ms)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.connections: dict[str, set[WebSocket]] = {}
 

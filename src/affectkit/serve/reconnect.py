@@ -12,7 +12,7 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from affectkit.serve.batcher import Batcher
-from affectkit.serve.sessions import SessionPool
+from affectkit.serve.sessions import SessionPool, UnknownSession
 
 __all__ = ["open_session"]
 
@@ -26,14 +26,17 @@ async def open_session(batcher: Batcher[Any], pool: SessionPool, ws: WebSocket,
     :class:`~affectkit.serve.sessions.UnknownSession` for a deleted session."""
     if session_id in pool.live:  # a dict lookup from the event loop; if it was evicted since, position rebuilds
         return await batcher.run_sync(pool.position, session_id), None
-    rebuilt = batcher.submit_job(pool.restore(session_id), "session rebuilds")
+    rebuilt = batcher.submit_job(session_id, "session rebuilds")
     receiving = asyncio.ensure_future(ws.receive())
     try:
         await asyncio.wait({rebuilt, receiving}, return_when=asyncio.FIRST_COMPLETED)
         if receiving.done() and receiving.result()["type"] == "websocket.disconnect":
             rebuilt.cancel()
             return None
-        return await rebuilt, receiving
+        opened = await rebuilt
+        if opened is None:  # nobody waited for it any more (the rebuild was skipped)
+            raise UnknownSession(f"session {session_id} was not opened")
+        return opened, receiving
     except BaseException:
         rebuilt.cancel()
         receiving.cancel()

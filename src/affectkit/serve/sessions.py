@@ -2,9 +2,10 @@
 while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by a
 prefill through the same engine (:meth:`~affectkit.stream.Stream.prefill_steps`: a few batched forwards
 over the log's tail, not one per logged utterance), so a rebuilt session answers exactly as one that
-never left.  A reconnecting client's rebuild is a job of the batcher's rebuild lane (:meth:`SessionPool.restore`,
-one piece per turn between live batches); a live utterance for a session not in memory finishes its
-rebuild at once (:meth:`SessionPool.get`), so a session is never rebuilt twice nor pushed half-built.
+never left.  Reconnecting clients' sessions are rebuilt together by a job of the batcher's rebuild lane
+(:meth:`SessionPool.rebuild`, a piece at a time between live batches); a live utterance for a session not in
+memory rebuilds it at once (:meth:`SessionPool.get`), and a rebuild job never replaces a session that was
+stepped or deleted meanwhile.
 
 Every method runs on the batcher's single worker thread (the one owner of model state and of the
 store's writes), so nothing here needs a lock.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +70,13 @@ class Live:
 
 @dataclass
 class _Rebuild:
-    """A session being rebuilt: its Live (speakers known, state not yet), the prefill's remaining pieces and
-    the text turns a fine-tuned encoder reads with later ones."""
+    """A session being rebuilt: its Live (speakers known, state not yet), its logged utterances (the
+    prefill's input) and the text turns a fine-tuned encoder reads with later ones."""
 
     live: Live
-    steps: Iterator[int]
+    log: list[dict[str, Any]]
     turns: list[tuple[int, str, str]]
+    error: Exception | None = None
 
 
 class SessionPool:
@@ -89,74 +91,93 @@ class SessionPool:
         self.base, self.store, self.tags, self.embed = base, store, list(tags), embed
         self.idle_s, self.max_live = idle_s, max_live
         self.live: OrderedDict[str, Live] = OrderedDict()
-        self.rebuilding: dict[str, _Rebuild] = {}
         self.rebuilt = 0
+        self._rebuilds_running = 0
+        self._changed: set[str] = set()  # sessions appended to or dropped while a rebuild ran
 
     # -- state
 
     def get(self, session_id: str) -> Live:
-        """The live session, rebuilt from the log at once if it is not in memory (finishing a rebuild the
-        lane has begun)."""
+        """The live session, rebuilt from the log at once (one prefill) if it is not in memory."""
         live = self.live.get(session_id)
         if live is None:
-            job = self.rebuilding.get(session_id) or self._begin(session_id)
-            try:
-                for _ in job.steps:
-                    pass
-            except Exception:
-                self.rebuilding.pop(session_id, None)
-                raise
+            job = self._begin(session_id)
+            job.live.stream.prefill(job.log)
             live = self._install(session_id, job)
         self.live.move_to_end(session_id)
         live.used = time.monotonic()
         return live
 
-    def restore(self, session_id: str) -> Generator[None, None, tuple[int, list[str]]]:
-        """Make a session live, a piece at a time (a job of the batcher's rebuild lane): read its log, then
-        run its prefill chunk by chunk, yielding between pieces; returns (next position, participants).
-        Abandoned (closed) half-way, its partial rebuild is forgotten."""
-        job: _Rebuild | None = None
+    def rebuild(self, session_ids: Sequence[str],
+                alive: Callable[[int], bool] = lambda i: True) -> Generator[None, None, list[Any]]:
+        """Rebuild sessions from their logs together (a job of the batcher's rebuild lane), a piece at a
+        time: read one log, or run one session's prefill (one chunk), yielding between pieces; then all of
+        them go live at once, so their clients' next utterances meet in one live batch.  Returns, per
+        session, (next position, participants) or its exception.  ``alive(i)``: whether the caller of
+        ``session_ids[i]`` still waits; sessions nobody waits for any more are skipped (result None).
+
+        A session already live is left as it is; one stepped or deleted while this ran (``get`` rebuilt it
+        at once, from a log this read may have missed) is not replaced by this rebuild."""
+        wanted = lambda sid: any(alive(i) for i, s in enumerate(session_ids) if s == sid)  # noqa: E731
+        out: list[Any] = [None] * len(session_ids)
+        jobs: dict[str, _Rebuild] = {}
+        self._rebuilds_running += 1
         try:
-            while session_id not in self.live:
-                if job is None or self.rebuilding.get(session_id) is not job:
-                    job = self.rebuilding.get(session_id)
-                    if job is None:  # reading the log is the first piece
-                        job = self.rebuilding[session_id] = self._begin(session_id)
-                        yield
-                        continue
-                try:
-                    left = next(job.steps)
-                except Exception:
-                    self.rebuilding.pop(session_id, None)
-                    raise
-                if left == 0:
-                    self._install(session_id, job)
-                else:
+            for i, sid in enumerate(session_ids):
+                if sid in self.live or sid in jobs or not alive(i):
+                    continue
+                if jobs:
                     yield
+                try:
+                    jobs[sid] = self._begin(sid)
+                except AffectkitError as exc:
+                    out[i] = exc
+            for sid, job in jobs.items():
+                yield
+                if not wanted(sid):
+                    continue
+                try:
+                    yield from job.live.stream.prefill_steps(job.log)
+                except AffectkitError as exc:
+                    job.error = exc
+            for sid, job in jobs.items():
+                if len(job.live.stream) == len(job.log) and sid not in self.live and sid not in self._changed:
+                    self._install(sid, job)
+            for i, sid in enumerate(session_ids):
+                if out[i] is not None or not alive(i):
+                    continue
+                job = jobs.get(sid)
+                if job is not None and job.error is not None:
+                    out[i] = job.error
+                    continue
+                try:
+                    out[i] = self.position(sid)
+                except AffectkitError as exc:
+                    out[i] = exc
+            return out
         finally:
-            if session_id not in self.live and job is not None and self.rebuilding.get(session_id) is job:
-                del self.rebuilding[session_id]
-        return self.position(session_id)
+            self._rebuilds_running -= 1
+            if not self._rebuilds_running:
+                self._changed.clear()
 
     def _begin(self, session_id: str) -> _Rebuild:
-        """Read a session's log and set up its prefill (nothing runs yet)."""
+        """Read a session's log and set up its rebuild (nothing runs yet)."""
         if self.store.session(session_id) is None:
             raise UnknownSession(f"session {session_id} does not exist (deleted?)")
         live = Live(self.base.new_session(), [], time.monotonic())
-        utterances: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = []
         turns: list[tuple[int, str, str]] = []
         for rec in self.store.records(session_id):
             tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
             if new:
                 live.speakers.append(rec.speaker)
-            utterances.append({"speaker": tag, **rec.features})
+            log.append({"speaker": tag, **rec.features})
             if rec.text is not None:  # what a fine-tuned encoder reads with later turns
                 turns.append((rec.position, rec.speaker, rec.text))
-        return _Rebuild(live, live.stream.prefill_steps(utterances), turns)
+        return _Rebuild(live, log, turns)
 
     def _install(self, session_id: str, job: _Rebuild) -> Live:
         """A finished rebuild becomes the live session."""
-        self.rebuilding.pop(session_id, None)
         for position, speaker, text in job.turns:
             job.live.stream.remember_turn(position, speaker, text)
         self.live[session_id] = job.live
@@ -166,7 +187,8 @@ class SessionPool:
 
     def drop(self, session_id: str) -> None:
         self.live.pop(session_id, None)
-        self.rebuilding.pop(session_id, None)
+        if self._rebuilds_running:
+            self._changed.add(session_id)
 
     def sweep(self, now: float | None = None) -> int:
         """Evict sessions idle for ``idle_s`` or more; returns how many."""
@@ -213,6 +235,8 @@ class SessionPool:
                 for s in set(touched):
                     self.drop(s)
                 return [exc if isinstance(o, tuple) else o for o in out]
+            if self._rebuilds_running:
+                self._changed.update(touched)
         return out
 
     def _step_wave(self, items: list[Item], wave: list[int], out: list[Any], records: list[Record],
