@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
-from test_serve import INFO, SMALL, _reference, embed  # noqa: E402
+from test_serve import DIM, INFO, SMALL, _reference, embed  # noqa: E402
 
 from affectkit.models import build_model  # noqa: E402
 from affectkit.serve.app import ServeSettings, create_app  # noqa: E402
@@ -300,3 +300,28 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
         assert svc.batcher.jobs_dropped == 1
         assert not any(ids[1][0] in e[1] for e in log) and set(svc.pool.live) == {ids[0][0]}
         assert 'affectkit_errors_total{kind="overloaded"} 1.0' in c.get("/metrics").text
+
+
+def test_a_wave_of_sessions_is_stepped_in_one_forward_and_a_bad_item_fails_alone(model, monkeypatch):
+    """The sessions of one live batch (e.g. sessions just rebuilt together) step in one batched forward,
+    with the answers each would get alone; a bad utterance gets its own error, the others their answers."""
+    import affectkit.serve.sessions as sessions_mod
+
+    calls: list[int] = []
+    real = sessions_mod.push_batch
+    monkeypatch.setattr(sessions_mod, "push_batch", lambda ss, us: calls.append(len(ss)) or real(ss, us))
+    store = Store(":memory:")
+    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    for k in range(3):
+        store.create_session(f"wave-{k}", "tok")
+    talk = [Item(f"wave-{k}", name, text, {}) for k in range(3) for name, text in _conversation(5, f"wave-{k}")]
+    out = pool.step(talk)
+    assert calls and max(calls) == 3
+    for k in range(3):
+        want = _reference(model, _conversation(5, f"wave-{k}"))
+        got = [o[0] for o in out[5 * k:5 * k + 5]]
+        np.testing.assert_allclose([g.probs for g in got], [w.probs for w in want], atol=1e-5)
+    bad = Item("wave-1", "Ann", None, {"text": np.zeros(DIM + 1, np.float32)})
+    out = pool.step([Item("wave-0", "Ann", "fine", {}), bad, Item("wave-2", "Bob", "also fine", {})])
+    assert isinstance(out[1], Exception) and "shape" in str(out[1])
+    assert [o[0].position for o in (out[0], out[2])] == [5, 5] and len(pool.live["wave-1"].stream) == 5

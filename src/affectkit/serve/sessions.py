@@ -23,7 +23,7 @@ import numpy as np
 
 from affectkit.errors import AffectkitError, DataError
 from affectkit.serve.store import Record, Store
-from affectkit.stream import Prediction, Stream
+from affectkit.stream import Prediction, Stream, push_batch
 
 __all__ = ["Item", "Live", "SessionPool", "TooManySpeakers", "UnknownSession", "speaker_tag"]
 
@@ -262,6 +262,7 @@ class SessionPool:
             except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
                 for i in texts:
                     out[i] = exc
+        ready: dict[int, tuple[dict[str, Any], Any, bool]] = {}
         for i, live in lives.items():
             it = items[i]
             if out[i] is not None:
@@ -270,8 +271,20 @@ class SessionPool:
                 feats = dict(it.features)
                 if i in vectors:
                     feats["text"] = vectors[i]
-                tag, new = speaker_tag(live.speakers, it.speaker, self.tags)
-                pred = live.stream.push(tag, **feats)
+                ready[i] = (feats, *speaker_tag(live.speakers, it.speaker, self.tags))
+            except (AffectkitError, ValueError) as exc:
+                out[i] = exc
+        preds: dict[int, Prediction] = {}
+        if len(ready) > 1:  # one forward for the wave's sessions; on any bad input, one by one (its own error)
+            try:
+                preds = dict(zip(ready, push_batch([lives[i].stream for i in ready],
+                                                   [{"speaker": tag, **feats} for feats, tag, _ in ready.values()])))
+            except (AffectkitError, ValueError):
+                preds = {}
+        for i, (feats, tag, new) in ready.items():
+            it, live = items[i], lives[i]
+            try:
+                pred = preds[i] if i in preds else live.stream.push(tag, **feats)
             except (AffectkitError, ValueError) as exc:
                 out[i] = exc
                 continue
