@@ -16,14 +16,21 @@ its speaker slots by order of first appearance in the session, as in training; a
 is a :class:`~affectkit.errors.DataError`.  Otherwise (``tags``) names must be the training file's tags.
 
 Sessions are independent; :meth:`Stream.new_session` opens another one on the same (shared, read-only)
-model; :func:`push_batch` steps several sessions' next utterances in one batched forward.  A session is
-not meant to be pushed from two threads at once.  Bad input raises a one-line DataError and leaves the
-session as it was.
+model; :func:`push_batch` steps several sessions' next utterances in one batched forward.
+
+Rebuilding a session from its log (:meth:`Stream.prefill`) runs the logged utterances through the same
+forward in chunks of many utterances (a *prefill*), not one forward per utterance.  With ``context: N`` only
+the log's tail is computed: the rows the state keeps (its ring capacity) plus the utterances those rows can
+depend on (:meth:`~affectkit.models.corect.Corect.state_reach`); older utterances cannot change them, so
+the state, and every later prediction, equals that of a session stepped through the whole log.
+
+A session is not meant to be pushed from two threads at once.  Bad input raises a one-line DataError and
+leaves the session as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +51,9 @@ Embedder = Callable[[list[str]], Any]
 MAX_STATE_BYTES = 256 * 2**20
 #: Default number of utterances a session can step back exactly with :meth:`Stream.rewind`.
 MAX_REWIND = 8
+#: Utterances per forward when :meth:`Stream.prefill` rebuilds a session (bounds its memory: a chunk's
+#: attention reads the state's rows plus the chunk's own).
+PREFILL_CHUNK = 256
 
 
 class SessionFullError(DataError):
@@ -135,6 +145,16 @@ class StreamModel:
     def new_state(self) -> StepState:
         return self.model.init_state(1, rewind=self.max_rewind, device=self.device)
 
+    def prefill_start(self, n: int) -> int:
+        """The first of ``n`` logged utterances a rebuild must compute: the state keeps rows of the last
+        ``capacity`` positions (its largest ring), and those depend on at most ``state_reach`` earlier ones;
+        0 when the model keeps every past utterance (``context: null``)."""
+        reach = self.model.state_reach()
+        rings = self.new_state().rings.values()
+        if reach is None or not all(r.fixed for r in rings):
+            return 0
+        return max(0, n - max(r.capacity for r in rings) - reach)
+
     def speaker_index(self, speaker: Any) -> int:
         """The embedding row of a speaker tag (``tags`` models); DataError for an unknown one."""
         _check_name(speaker)
@@ -164,6 +184,26 @@ class StreamModel:
                 raise DataError(f"missing {m} features: this checkpoint reads {', '.join(self.modalities)}")
             feats[m] = _as_features(given[m], m, self.dims[m]).to(self.device)
         return feats
+
+    def features_of(self, utterances: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Many utterances' inputs as one (n, dim) tensor per modality, checked at once (a rebuild's log);
+        DataError naming the first bad utterance."""
+        out = {}
+        for m in self.modalities:
+            try:
+                x = np.stack([np.asarray(u.get(m), dtype=np.float32).reshape(-1) for u in utterances])
+                ok = x.shape[1] == self.dims[m] and bool(np.isfinite(x).all())
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:  # find the culprit and say what is wrong with it
+                for i, u in enumerate(utterances):
+                    try:
+                        self.features(u.get("text"), u.get("audio"), u.get("visual"))
+                    except DataError as exc:
+                        raise type(exc)(f"utterance {i}: {exc}") from None
+                raise DataError(f"{m} features: not one {self.dims[m]}-d vector per utterance")
+            out[m] = torch.from_numpy(x).to(self.device)
+        return out
 
     def check_text_encoder(self) -> None:
         """ConfigError unless raw text can be fed: the model reads text and its dim is the encoder's."""
@@ -354,6 +394,71 @@ class Stream:
                 f"max_state_bytes ({self.engine.max_state_bytes / 2**20:.1f} MiB): this model keeps every past "
                 "utterance (model.context: null); reset the session or use a model trained with model.context")
 
+    def prefill(self, utterances: Sequence[Mapping[str, Any]], chunk: int = PREFILL_CHUNK) -> None:
+        """Rebuild this empty session from its logged utterances (see :meth:`prefill_steps`) at once."""
+        for _ in self.prefill_steps(utterances, chunk):
+            pass
+
+    def prefill_steps(self, utterances: Sequence[Mapping[str, Any]],
+                      chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+        """Rebuild this empty session from its logged utterances (each with :meth:`push`'s arguments) in
+        a few batched forwards of up to ``chunk`` utterances, through the same layers as :meth:`push`.
+
+        With ``context: N`` only the tail from :meth:`StreamModel.prefill_start` is run (as a session of its
+        own, then its ring slots relabelled to their true positions); it holds every row the state keeps,
+        and those rows cannot depend on older utterances, so the session then answers exactly as one pushed
+        utterance by utterance (tested to 1e-5), and can rewind as far.  Every input is checked first: bad
+        input raises DataError (naming its index) and the session stays empty.  No predictions are made for
+        the logged utterances (the log holds them).
+
+        A generator, so a service can interleave a rebuild with live work: it checks the log and runs the
+        first chunk, then yields how many utterances are left before each further chunk; the session takes its
+        new state when the generator ends.  Abandoned before that, the session stays empty."""
+        if len(self):
+            raise DataError(f"prefill rebuilds an empty session; this one has {len(self)} utterances (reset first)")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise DataError(f"prefill: chunk must be an int >= 1, got {chunk!r}")
+        eng, n = self.engine, len(utterances)
+        if n == 0:
+            return
+        slots = []
+        try:
+            for i, u in enumerate(utterances):
+                _check_keys(u)
+                slots.append(self.speaker_slot(u["speaker"]))
+                self._record(u["speaker"], slots[-1], i)
+        except DataError as exc:
+            self.reset()
+            raise type(exc)(f"utterance {i}: {exc}") from None
+        try:
+            feats = eng.features_of(utterances)
+        except DataError:
+            self.reset()
+            raise
+        names, self._names = self._names, {}  # the session stays empty until the state is complete
+        start = eng.prefill_start(n)
+        state = eng.new_state()
+        for a in range(start, n, chunk):
+            b = min(a + chunk, n)
+            step = _Step({m: x[None, a:b] for m, x in feats.items()},
+                         torch.tensor(slots[a:b], device=eng.device).view(1, -1),
+                         torch.ones(1, b - a, dtype=torch.bool, device=eng.device),
+                         torch.tensor([b - a], device=eng.device))
+            with torch.inference_mode():
+                eng.model(step, state)
+            if b < n:
+                yield n - b
+        with torch.inference_mode():
+            state.shift(start)
+        if state.nbytes() > eng.max_state_bytes:
+            raise SessionFullError(
+                f"session state would be {state.nbytes() / 2**20:.1f} MiB after {n} utterances, over "
+                f"max_state_bytes ({eng.max_state_bytes / 2**20:.1f} MiB): this model keeps every past "
+                "utterance (model.context: null)")
+        if len(self):
+            raise DataError("prefill: the session was pushed while it was being rebuilt")
+        self._state, self._names = state, names
+
     def push(self, speaker: Any, text: Any = None, audio: Any = None, visual: Any = None) -> Prediction:
         """Classify the next utterance from its features (one 1-D vector per modality the model reads;
         others are ignored).  Bad input raises DataError and changes nothing."""
@@ -394,6 +499,12 @@ class Stream:
         self._turns.append((position, str(speaker), sentence))
 
 
+def _check_keys(u: Mapping[str, Any]) -> None:
+    extra = set(u) - {"speaker", "text", "audio", "visual"}
+    if extra or "speaker" not in u:
+        raise DataError(f"an utterance needs 'speaker' (and features); got keys {sorted(u)}")
+
+
 def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any]]) -> list[Prediction]:
     """Step the next utterance of several sessions in one batched forward (for a service with many
     sessions): ``utterances[i]`` holds :meth:`Stream.push`'s arguments (``speaker``, ``text``, ``audio``,
@@ -409,9 +520,7 @@ def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any
     slots, feats = [], []
     for i, (session, u) in enumerate(zip(sessions, utterances)):
         try:
-            extra = set(u) - {"speaker", "text", "audio", "visual"}
-            if extra or "speaker" not in u:
-                raise DataError(f"an utterance needs 'speaker' (and features); got keys {sorted(u)}")
+            _check_keys(u)
             slots.append(session.speaker_slot(u["speaker"]))
             feats.append(eng.features(u.get("text"), u.get("audio"), u.get("visual")))
             session._check_room()

@@ -2,8 +2,9 @@
 (sliding-window) masks, and a post-norm Transformer layer (self- or cross-attention).
 
 Each layer has one forward that also steps: given a ``cache`` (a :class:`KVCache`, see
-:mod:`affectkit.models.steps`) it runs on the newest utterance of live sessions, stores that utterance's
-keys and values and attends to the ones the cache returns; without one it runs on whole sequences.
+:mod:`affectkit.models.steps`) it runs on the newest utterance (or a prefill chunk of utterances) of live
+sessions, stores their keys and values and attends to the ones the cache returns; without one it runs on
+whole sequences.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ class KVCache:
         self.ring, self.key = state.rings[group], key
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the newest keys/values (B, 1, D); return all stored ones (B, capacity, D)."""
-        return self.ring.write(self.key + ".k", k[:, 0]), self.ring.write(self.key + ".v", v[:, 0])
+        """Store the step's keys/values (B, count, D); return those the step reads (see
+        :meth:`~affectkit.models.steps.Ring.write`)."""
+        return self.ring.write(self.key + ".k", k), self.ring.write(self.key + ".v", v)
 
     def mask(self) -> torch.Tensor | None:
-        """Which stored keys the newest query may attend to (B, 1, 1, capacity), None for all."""
+        """Which of those keys each of the step's queries may attend to (None for all)."""
         return self.ring.mask()
 
 

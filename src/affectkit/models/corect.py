@@ -148,20 +148,21 @@ class RelationalGraph(nn.Module):
 
     def forward(self, packed: list[torch.Tensor], lengths: torch.Tensor,
                 state: StepState | None = None) -> torch.Tensor:
-        """``packed``: per modality (U, h) -> (U, M * heads * h).  With ``state``: U = B, the newest
-        utterance of each live session; its nodes are computed on the window of its last ``wp + 1``
-        utterances, whose node rows and RGCN outputs the state's ``graph`` ring keeps."""
+        """``packed``: per modality (U, h) -> (U, M * heads * h).  With ``state``: U = B * count, the
+        step's utterances of each live session; their nodes are computed on the window of the step's
+        utterances and up to ``wp`` earlier ones, whose node rows and RGCN outputs the ``graph`` ring keeps."""
         m = self.n_modalities
         if state is None:
             edge_index, edge_type = build_graph(lengths, m, self.wp, self.wf)
             x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index)
             return _by_utterance(F.leaky_relu(self.bn(x)), m)
-        ring, pos = state.rings["graph"], state.lengths
-        ring.write("nodes", torch.cat(packed, dim=-1))  # (B, M * h)
+        ring, pos, c = state.rings["graph"], state.lengths, state.count
+        b = pos.shape[0]
+        ring.write("nodes", torch.cat(packed, dim=-1).view(b, c, -1))  # (B, count, M * h)
         rows, w = ring.window_rows("nodes", pos)
-        edge_index, edge_type, newest = _newest_edges(tuple(w.tolist()), m, self.wp, rows.device)
+        edge_index, edge_type, newest = _newest_edges(tuple(w.tolist()), m, self.wp, c, rows.device)
         r = self.rgcn(_by_modality(rows, m), edge_index, edge_type)
-        ring.write("rgcn", _by_utterance(r, m)[newest])
+        ring.write("rgcn", _by_utterance(r, m)[newest].view(b, c, -1))
         rows, _ = ring.window_rows("rgcn", pos)
         x = self.gt(_by_modality(rows, m), edge_index)
         x = x.view(m, -1, x.shape[-1])[:, newest].reshape(-1, x.shape[-1])  # newest nodes, modality-major
@@ -181,13 +182,13 @@ def _by_utterance(nodes: torch.Tensor, m: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _newest_edges(lengths: tuple[int, ...], m: int, wp: int,
+def _newest_edges(lengths: tuple[int, ...], m: int, wp: int, count: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The causal graph of windows of ``lengths`` utterances (:func:`build_graph`, wf 0) restricted to the
-    edges into each window's newest utterance, and those utterances' packed indices."""
+    edges into each window's ``count`` newest utterances, and those utterances' packed indices."""
     lens = torch.tensor(lengths, device=device)
     edge_index, edge_type = build_graph(lens, m, wp, 0)
-    newest = torch.cumsum(lens, 0) - 1
+    newest = (torch.cumsum(lens, 0)[:, None] - count + torch.arange(count, device=device)).reshape(-1)
     is_newest = torch.zeros(int(lens.sum()), dtype=torch.bool, device=device)
     is_newest[newest] = True
     keep = is_newest.repeat(m)[edge_index[1]]
@@ -248,10 +249,12 @@ class Corect(nn.Module):
 
         With ``state`` (causal models, :meth:`init_state`): ``batch`` holds the next utterance of each of
         the state's B sessions (T = 1, speakers already embedding rows), the same layers step it, and the
-        state moves on by one utterance when the forward succeeds (a failure leaves it as it was)."""
+        state moves on by one utterance when the forward succeeds (a failure leaves it as it was).  T > 1 is
+        a prefill chunk: the next T utterances of each session at once, equal to T single steps (a failure
+        half-way may leave rows the sessions still read changed: prefill into a state of its own)."""
         if state is not None:
             self._check_step(batch, state)
-            state.begin()
+            state.begin(int(batch.mask.shape[1]))
         feats = self.encode(batch, state)
         packed = [x[batch.mask] for x in feats]
         views = []
@@ -280,9 +283,27 @@ class Corect(nn.Module):
             rings["graph"] = Ring(batch, self.cfg.wp + 1, self.cfg.wp + 1 + rewind, device)
         return StepState(torch.zeros(batch, dtype=torch.long, device=device), rings)
 
+    def state_reach(self) -> int | None:
+        """How many utterances before the oldest row a step state keeps its rows depend on (None: all of
+        them, a model without ``context`` that has attention layers).  Each banded attention layer looks
+        ``context - 1`` utterances further back, the graph's RGCN ``wp``; the sum along the longest path
+        (text stack, then P-CM's cross and self layers, or the graph) bounds it.  So a state rebuilt from
+        only the last ``capacity + reach`` utterances of a log holds exactly the rows of the whole log."""
+        cfg = self.cfg
+        attends = self.text_context is not None or self.pcm is not None
+        if cfg.context is None and attends:
+            return None
+        a = 0 if cfg.context is None else cfg.context - 1
+        reach = cfg.text_layers * a if self.text_context is not None else 0
+        if self.pcm is not None:
+            reach += (cfg.pcm_layers + cfg.pcm_self_layers) * a
+        if self.graph is not None:
+            reach += cfg.wp
+        return reach
+
     def _check_step(self, batch: Any, state: StepState) -> None:
         if not self.cfg.causal:
             raise ConfigError("only a causal model (model.causal: true) can step utterance by utterance")
-        if tuple(batch.mask.shape) != (state.batch, 1) or not bool(batch.mask.all()):
-            raise ConfigError(f"a step takes one utterance per session: mask of shape ({state.batch}, 1), "
-                              f"all true; got {tuple(batch.mask.shape)}")
+        if batch.mask.dim() != 2 or batch.mask.shape[0] != state.batch or not bool(batch.mask.all()):
+            raise ConfigError(f"a step takes the same number of utterances from each session: mask of shape "
+                              f"({state.batch}, count), all true; got {tuple(batch.mask.shape)}")

@@ -8,8 +8,14 @@ left.  The rows live in :class:`Ring` s: the last ``capacity`` positions of each
 a buffer that grows by doubling.  Which stored rows a new utterance may read is decided by
 :func:`in_window`, the same predicate that builds the batch model's banded causal mask.
 
-In the spirit of Hugging Face's ``past_key_values`` and fairseq's incremental state, written for a
-conversation: one utterance per session per step, sessions at different positions in one batch.
+A step may also carry a *chunk* of ``count`` consecutive utterances per session (a prefill: rebuilding a
+session from its log in a few forwards instead of one per utterance).  The chunk's queries then read the
+stored rows *and* the chunk's own rows (the stored ones as they were before the chunk), masked by the same
+:func:`in_window`; afterwards the ring keeps the chunk's last ``capacity`` rows.  So a chunk of any size
+computes exactly what as many single steps would.
+
+In the spirit of Hugging Face's ``past_key_values`` (whose forward takes one token or a whole prompt) and
+fairseq's incremental state, written for a conversation: sessions at different positions in one batch.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ class Ring:
         self.visible: torch.Tensor | None = None  # ... the slots it reads (B, capacity) ...
         self._where: tuple[torch.Tensor, torch.Tensor] = (self.slot_pos, self.slot_pos)  # ... and their index
         self._mask: torch.Tensor | None = None
+        self.count = 1  # utterances per session in this step (> 1: a chunk)
+        self._keep = 1  # how many of the chunk's rows the ring keeps
+        self._ext: dict[str, torch.Tensor] = {}  # chunk: per key, the stored rows then the chunk's (B, cap + C, D)
 
     @property
     def capacity(self) -> int:
@@ -65,19 +74,44 @@ class Ring:
     def nbytes(self) -> int:
         return self.slot_pos.nbytes + sum(t.nbytes for t in self.rows.values())
 
-    def begin(self, pos: torch.Tensor) -> None:
+    def begin(self, pos: torch.Tensor, count: int = 1) -> None:
         """Start a step at positions ``pos`` (B,): make room, claim slot ``pos % capacity`` (it held a
-        position no later step can read) and work out which slots the step reads."""
+        position no later step can read) and work out which slots the step reads.  ``count`` > 1: a chunk of
+        positions ``pos .. pos + count - 1`` per session (see :meth:`_begin_chunk`)."""
         if not self.fixed:
-            top = int(pos.max())
+            top = int(pos.max()) + count - 1
             if top >= self.capacity:
                 self._resize(_grown(self.capacity, top))
+        self.count, self._ext = count, {}
+        if count > 1:
+            self._begin_chunk(pos, count)
+            return
         batch = torch.arange(pos.shape[0], device=pos.device)
         self.slot = pos % self.capacity
         self._where = (batch, self.slot)
         self.slot_pos.index_put_(self._where, pos)
         self.visible = in_window(pos[:, None], self.slot_pos, self.window) & (self.slot_pos >= 0)
         self._mask = None if bool(self.visible.all()) else self.visible[:, None, None, :]
+
+    def _begin_chunk(self, pos: torch.Tensor, count: int) -> None:
+        """A chunk's queries read the stored rows of positions before ``pos`` (as they are now) followed by
+        the chunk's own rows: the mask (B, 1, count, capacity + count) is :func:`in_window` over those
+        positions.  The ring then keeps the chunk's last ``min(count, capacity)`` positions."""
+        batch, cap = pos.shape[0], self.capacity
+        new = pos[:, None] + torch.arange(count, device=pos.device)  # (B, C)
+        stored = (self.slot_pos >= 0) & (self.slot_pos < pos[:, None])  # rows past ``pos`` are stale (rewind)
+        k_pos = torch.cat([self.slot_pos, new], 1)
+        ok = torch.cat([stored, torch.ones_like(new, dtype=torch.bool)], 1)
+        self._mask = (in_window(new[:, :, None], k_pos[:, None, :], self.window) & ok[:, None, :])[:, None]
+        self._keep = keep = min(count, cap)
+        last = new[:, count - keep:]
+        self._where = (torch.arange(batch, device=pos.device)[:, None].expand(batch, keep), last % cap)
+        self.slot, self.visible = None, None
+        self.slot_pos.index_put_(self._where, last)
+
+    def end(self) -> None:
+        """Drop what the step kept for its own use (a chunk's joined rows)."""
+        self._ext = {}
 
     def _resize(self, capacity: int) -> None:
         old = self.capacity
@@ -87,26 +121,38 @@ class Ring:
             self.rows[key] = torch.cat([buf, buf.new_zeros((buf.shape[0], pad, *buf.shape[2:]))], 1)
 
     def write(self, key: str, rows: torch.Tensor) -> torch.Tensor:
-        """Store ``rows`` (B, D) of this step under ``key``; return the whole buffer (B, capacity, D)."""
+        """Store ``rows`` (B, count, D) of this step under ``key``; return what the step reads: the whole
+        buffer (B, capacity, D), or for a chunk the stored rows then the chunk's (B, capacity + count, D)."""
         buf = self.rows.get(key)
         if buf is None:
-            buf = self.rows[key] = rows.new_zeros((rows.shape[0], self.capacity, *rows.shape[1:]))
-        return buf.index_put_(self._where, rows)
+            buf = self.rows[key] = rows.new_zeros((rows.shape[0], self.capacity, *rows.shape[2:]))
+        if self.count == 1:
+            return buf.index_put_(self._where, rows[:, 0])
+        joined = self._ext[key] = torch.cat([buf, rows], 1)  # a copy: read before the ring is overwritten
+        buf.index_put_(self._where, rows[:, self.count - self._keep:])
+        return joined
 
     def mask(self) -> torch.Tensor | None:
-        """Attention mask (B, 1, 1, capacity) of the slots this step reads; None when it reads them all."""
+        """Attention mask of what this step reads: (B, 1, 1, capacity) for one utterance (None when it reads
+        every slot), (B, 1, count, capacity + count) for a chunk."""
         return self._mask
 
     def window_rows(self, key: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The visible rows of ``key`` in position order, sessions packed one after another (sum w, D),
-        and the count per session ``w`` (B,): positions ``pos - w + 1 .. pos``."""
+        """The rows of ``key`` this step's utterances read, in position order, sessions packed one after
+        another (sum w, D), and the count per session ``w`` (B,): positions ``pos + count - w .. pos +
+        count - 1``, i.e. up to ``window - 1`` stored ones before ``pos`` and the step's own ``count``."""
         assert self.window is not None
-        w = torch.clamp(pos + 1, max=self.window)
+        c = self.count
+        w = torch.clamp(pos, max=self.window - 1) + c
         sessions = torch.repeat_interleave(torch.arange(pos.shape[0], device=pos.device), w)
         ends = torch.cumsum(w, 0)
         within = torch.arange(int(ends[-1]), device=pos.device) - (ends - w)[sessions]
-        slot = (pos - w + 1)[sessions].add_(within) % self.capacity
-        return self.rows[key][sessions, slot], w
+        q = (pos + c - w)[sessions].add_(within)  # the positions read
+        if c == 1:
+            return self.rows[key][sessions, q % self.capacity], w
+        start = pos[sessions]
+        index = torch.where(q < start, q % self.capacity, self.capacity + q - start)
+        return self._ext[key][sessions, index], w
 
     def holds(self, positions: range) -> bool:
         """Whether every session still holds the rows of ``positions`` (checked before a rewind)."""
@@ -116,6 +162,17 @@ class Ring:
         if not self.fixed and positions.stop > self.capacity:
             return False
         return bool((self.slot_pos[:, p % self.capacity] == p).all())
+
+    def shift(self, offset: int) -> None:
+        """Relabel every stored position ``p`` as ``p + offset`` (slot ``p % capacity`` moves to
+        ``(p + offset) % capacity``): a state built for a conversation's tail, as if it started at 0,
+        becomes the state at its true positions.  Only fixed rings can shift."""
+        if offset == 0:
+            return
+        assert self.fixed, "a ring without a window holds every position: nothing to relabel"
+        r = offset % self.capacity
+        self.slot_pos = torch.where(self.slot_pos >= 0, self.slot_pos + offset, self.slot_pos).roll(r, 1)
+        self.rows = {k: v.roll(r, 1) for k, v in self.rows.items()}
 
     def needed(self, n: int) -> range:
         """Positions a step at ``n`` reads besides its own."""
@@ -161,6 +218,7 @@ class StepState:
     def __init__(self, lengths: torch.Tensor, rings: dict[str, Ring]) -> None:
         self.lengths = lengths
         self.rings = rings
+        self.count = 1  # utterances per session in the current step (> 1: a chunk)
 
     @property
     def batch(self) -> int:
@@ -170,12 +228,23 @@ class StepState:
         """Bytes held by the state (all rings, all sessions)."""
         return sum(r.nbytes() for r in self.rings.values()) + self.lengths.nbytes
 
-    def begin(self) -> None:
+    def begin(self, count: int = 1) -> None:
+        """Start a step of ``count`` utterances per session (1: a live step; more: a prefill chunk)."""
+        self.count = count
         for ring in self.rings.values():
-            ring.begin(self.lengths)
+            ring.begin(self.lengths, count)
 
     def advance(self) -> None:
-        self.lengths = self.lengths + 1
+        self.lengths = self.lengths + self.count
+        for ring in self.rings.values():
+            ring.end()
+
+    def shift(self, offset: int) -> None:
+        """Move the sessions ``offset`` utterances later (see :meth:`Ring.shift`): the state of a tail
+        prefilled from position 0 becomes the state at the tail's true positions."""
+        self.lengths = self.lengths + offset
+        for ring in self.rings.values():
+            ring.shift(offset)
 
     def can_rewind(self, n: int) -> bool:
         """Whether rewinding to length ``n`` is exact: the rows a step at ``n`` reads are all still held."""

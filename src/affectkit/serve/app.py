@@ -39,6 +39,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from affectkit.errors import AffectkitError, ConfigError, DataError
 from affectkit.serve.batcher import Batcher, Overloaded
+from affectkit.serve.reconnect import open_session
 from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers, UnknownSession
 from affectkit.serve.store import Store, token_digest
 from affectkit.stream import Stream
@@ -65,6 +66,8 @@ class ServeSettings:
     rate_per_s: float = 20.0       # messages per second per session (token bucket) ...
     rate_burst: float = 40.0       # ... with this burst
     sweep_every_s: float = 10.0    # how often idle sessions are looked for
+    max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
+    rebuild_slice_ms: float = 30.0  # rebuild work run between two live batches (a live utterance waits this + a piece)
 
 
 # ------------------------------------------------------------------------------------ wire formats
@@ -146,7 +149,9 @@ class Service:
                                 settings.max_live_sessions)
         self.metrics = Metrics()
         self.batcher: Batcher[Item] = Batcher(self.pool.step, settings.max_batch, settings.max_wait_ms,
-                                              settings.max_queue, on_batch=self._on_batch)
+                                              settings.max_queue, on_batch=self._on_batch,
+                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
+                                              job_slice_ms=settings.rebuild_slice_ms)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.connections: dict[str, set[WebSocket]] = {}
 
@@ -402,16 +407,27 @@ async def _send(ws: WebSocket, body: dict[str, Any]) -> bool:
 
 async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
     try:
-        position, speakers = await s.batcher.run_sync(s.pool.position, session_id)
+        opened = await open_session(s.batcher, s.pool, ws, session_id)
     except UnknownSession:
         await _close(ws, 1008, "no such session")
         return
+    except Overloaded as exc:
+        s.metrics.errors.labels("overloaded").inc()
+        await _send(ws, _error("overloaded", f"{exc}; retry in a second"))
+        await _close(ws, 1013, "overloaded: retry later")
+        return
+    if opened is None:  # the client left while its session was being rebuilt
+        return
+    (position, speakers), receiving = opened
     if not await _send(ws, {"type": "ready", "session": session_id, "position": position, "speakers": speakers,
                             "labels": s.labels, "modalities": s.modalities, "raw_text": s.embed is not None}):
+        if receiving is not None:
+            receiving.cancel()
         return
     while True:
         try:
-            msg = await asyncio.wait_for(ws.receive(), s.settings.idle_timeout_s)
+            msg = await asyncio.wait_for(receiving or ws.receive(), s.settings.idle_timeout_s)
+            receiving = None
         except asyncio.TimeoutError:
             s.metrics.errors.labels("idle_timeout").inc()
             await _close(ws, 1001, "idle timeout")

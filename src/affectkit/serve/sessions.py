@@ -1,6 +1,11 @@
 """The live sessions of the service: one :class:`~affectkit.stream.Stream` per session, kept in memory
-while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by
-replaying it through the same engine, so a rebuilt session answers exactly as one that never left.
+while in use, evicted when idle (or when too many are live) and rebuilt from the store's log by a
+prefill through the same engine (:meth:`~affectkit.stream.Stream.prefill_steps`: a few batched forwards
+over the log's tail, not one per logged utterance), so a rebuilt session answers exactly as one that
+never left.  Reconnecting clients' sessions are rebuilt together by a job of the batcher's rebuild lane
+(:meth:`SessionPool.rebuild`, a piece at a time between live batches); a live utterance for a session not in
+memory rebuilds it at once (:meth:`SessionPool.get`), and a rebuild job never replaces a session that was
+stepped or deleted meanwhile.
 
 Every method runs on the batcher's single worker thread (the one owner of model state and of the
 store's writes), so nothing here needs a lock.
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +23,7 @@ import numpy as np
 
 from affectkit.errors import AffectkitError, DataError
 from affectkit.serve.store import Record, Store
-from affectkit.stream import Prediction, Stream
+from affectkit.stream import Prediction, Stream, push_batch
 
 __all__ = ["Item", "Live", "SessionPool", "TooManySpeakers", "UnknownSession", "speaker_tag"]
 
@@ -63,6 +68,17 @@ class Live:
     used: float
 
 
+@dataclass
+class _Rebuild:
+    """A session being rebuilt: its Live (speakers known, state not yet), its logged utterances (the
+    prefill's input) and the text turns a fine-tuned encoder reads with later ones."""
+
+    live: Live
+    log: list[dict[str, Any]]
+    turns: list[tuple[int, str, str]]
+    error: Exception | None = None
+
+
 class SessionPool:
     """Live sessions over one shared engine (``base``, an empty :class:`Stream`), backed by ``store``.
 
@@ -76,36 +92,103 @@ class SessionPool:
         self.idle_s, self.max_live = idle_s, max_live
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.rebuilt = 0
+        self._rebuilds_running = 0
+        self._changed: set[str] = set()  # sessions appended to or dropped while a rebuild ran
 
     # -- state
 
     def get(self, session_id: str) -> Live:
-        """The live session, rebuilt from the log if it is not in memory."""
+        """The live session, rebuilt from the log at once (one prefill) if it is not in memory."""
         live = self.live.get(session_id)
         if live is None:
-            if self.store.session(session_id) is None:
-                raise UnknownSession(f"session {session_id} does not exist (deleted?)")
-            live = self._replay(session_id)
-            self.live[session_id] = live
-            self.rebuilt += 1
-            self._cap()
+            job = self._begin(session_id)
+            job.live.stream.prefill(job.log)
+            live = self._install(session_id, job)
         self.live.move_to_end(session_id)
         live.used = time.monotonic()
         return live
 
-    def _replay(self, session_id: str) -> Live:
+    def rebuild(self, session_ids: Sequence[str],
+                alive: Callable[[int], bool] = lambda i: True) -> Generator[None, None, list[Any]]:
+        """Rebuild sessions from their logs together (a job of the batcher's rebuild lane), a piece at a
+        time: read one log, or run one session's prefill (one chunk), yielding between pieces; then all of
+        them go live at once, so their clients' next utterances meet in one live batch.  Returns, per
+        session, (next position, participants) or its exception.  ``alive(i)``: whether the caller of
+        ``session_ids[i]`` still waits; sessions nobody waits for any more are skipped (result None).
+
+        A session already live is left as it is; one stepped or deleted while this ran (``get`` rebuilt it
+        at once, from a log this read may have missed) is not replaced by this rebuild."""
+        wanted = lambda sid: any(alive(i) for i, s in enumerate(session_ids) if s == sid)  # noqa: E731
+        out: list[Any] = [None] * len(session_ids)
+        jobs: dict[str, _Rebuild] = {}
+        self._rebuilds_running += 1
+        try:
+            for i, sid in enumerate(session_ids):
+                if sid in self.live or sid in jobs or not alive(i):
+                    continue
+                if jobs:
+                    yield
+                try:
+                    jobs[sid] = self._begin(sid)
+                except AffectkitError as exc:
+                    out[i] = exc
+            for sid, job in jobs.items():
+                yield
+                if not wanted(sid):
+                    continue
+                try:
+                    yield from job.live.stream.prefill_steps(job.log)
+                except AffectkitError as exc:
+                    job.error = exc
+            for sid, job in jobs.items():
+                if len(job.live.stream) == len(job.log) and sid not in self.live and sid not in self._changed:
+                    self._install(sid, job)
+            for i, sid in enumerate(session_ids):
+                if out[i] is not None or not alive(i):
+                    continue
+                job = jobs.get(sid)
+                if job is not None and job.error is not None:
+                    out[i] = job.error
+                    continue
+                try:
+                    out[i] = self.position(sid)
+                except AffectkitError as exc:
+                    out[i] = exc
+            return out
+        finally:
+            self._rebuilds_running -= 1
+            if not self._rebuilds_running:
+                self._changed.clear()
+
+    def _begin(self, session_id: str) -> _Rebuild:
+        """Read a session's log and set up its rebuild (nothing runs yet)."""
+        if self.store.session(session_id) is None:
+            raise UnknownSession(f"session {session_id} does not exist (deleted?)")
         live = Live(self.base.new_session(), [], time.monotonic())
+        log: list[dict[str, Any]] = []
+        turns: list[tuple[int, str, str]] = []
         for rec in self.store.records(session_id):
             tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
-            pred = live.stream.push(tag, **rec.features)
-            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
-                live.stream.remember_turn(pred.position, rec.speaker, rec.text)
             if new:
                 live.speakers.append(rec.speaker)
-        return live
+            log.append({"speaker": tag, **rec.features})
+            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
+                turns.append((rec.position, rec.speaker, rec.text))
+        return _Rebuild(live, log, turns)
+
+    def _install(self, session_id: str, job: _Rebuild) -> Live:
+        """A finished rebuild becomes the live session."""
+        for position, speaker, text in job.turns:
+            job.live.stream.remember_turn(position, speaker, text)
+        self.live[session_id] = job.live
+        self.rebuilt += 1
+        self._cap()
+        return job.live
 
     def drop(self, session_id: str) -> None:
         self.live.pop(session_id, None)
+        if self._rebuilds_running:
+            self._changed.add(session_id)
 
     def sweep(self, now: float | None = None) -> int:
         """Evict sessions idle for ``idle_s`` or more; returns how many."""
@@ -152,6 +235,8 @@ class SessionPool:
                 for s in set(touched):
                     self.drop(s)
                 return [exc if isinstance(o, tuple) else o for o in out]
+            if self._rebuilds_running:
+                self._changed.update(touched)
         return out
 
     def _step_wave(self, items: list[Item], wave: list[int], out: list[Any], records: list[Record],
@@ -177,6 +262,7 @@ class SessionPool:
             except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
                 for i in texts:
                     out[i] = exc
+        ready: dict[int, tuple[dict[str, Any], Any, bool]] = {}
         for i, live in lives.items():
             it = items[i]
             if out[i] is not None:
@@ -185,8 +271,20 @@ class SessionPool:
                 feats = dict(it.features)
                 if i in vectors:
                     feats["text"] = vectors[i]
-                tag, new = speaker_tag(live.speakers, it.speaker, self.tags)
-                pred = live.stream.push(tag, **feats)
+                ready[i] = (feats, *speaker_tag(live.speakers, it.speaker, self.tags))
+            except (AffectkitError, ValueError) as exc:
+                out[i] = exc
+        preds: dict[int, Prediction] = {}
+        if len(ready) > 1:  # one forward for the wave's sessions; on any bad input, one by one (its own error)
+            try:
+                preds = dict(zip(ready, push_batch([lives[i].stream for i in ready],
+                                                   [{"speaker": tag, **feats} for feats, tag, _ in ready.values()])))
+            except (AffectkitError, ValueError):
+                preds = {}
+        for i, (feats, tag, new) in ready.items():
+            it, live = items[i], lives[i]
+            try:
+                pred = preds[i] if i in preds else live.stream.push(tag, **feats)
             except (AffectkitError, ValueError) as exc:
                 out[i] = exc
                 continue
