@@ -17,10 +17,12 @@ import numpy as np
 from affectkit.audio import SAMPLE_RATE
 from affectkit.errors import DataError
 
-__all__ = ["DIM", "feature_names", "prosody"]
+__all__ = ["DIM", "KIND", "Standardiser", "feature_names", "prosody"]
 
 #: eGeMAPSv02 functionals per utterance.
 DIM = 88
+#: The name a feature file and a checkpoint give these features.
+KIND = "eGeMAPSv02-functionals"
 #: Shorter audio is padded with silence to this many seconds (openSMILE needs a few frames).
 MIN_SECONDS = 0.1
 
@@ -58,3 +60,32 @@ def feature_names() -> list[str]:
     """The 88 feature names, in order."""
     with _lock:
         return [str(n) for n in _extractor().feature_names]
+
+
+class Standardiser:
+    """Per-feature centring and scaling fitted on a training split (the raw numbers span 0.01 to 100s,
+    which the model does not learn from as they are).  Written into the feature file's ``meta``, carried
+    into the checkpoint's info, and applied live to the same numbers: one transform, offline and live."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.std = np.maximum(np.asarray(std, dtype=np.float32).reshape(-1), 1e-6)
+        if self.mean.shape != (DIM,) or self.std.shape != (DIM,):
+            raise DataError(f"a prosody standardiser needs {DIM} means and scales")
+
+    @classmethod
+    def fit(cls, rows: np.ndarray) -> Standardiser:
+        return cls(rows.mean(axis=0), rows.std(axis=0))
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        return ((np.asarray(v, dtype=np.float32) - self.mean) / self.std).astype(np.float32)
+
+    def to_meta(self) -> dict[str, object]:
+        return {"kind": KIND, "dim": DIM, "mean": [float(x) for x in self.mean], "std": [float(x) for x in self.std]}
+
+    @classmethod
+    def from_meta(cls, meta: object) -> Standardiser | None:
+        """From a checkpoint's ``info["audio_features"]``; None when absent (features used as they are)."""
+        if not isinstance(meta, dict) or meta.get("kind") != KIND:
+            return None
+        return cls(np.asarray(meta["mean"]), np.asarray(meta["std"]))
