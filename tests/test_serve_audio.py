@@ -264,3 +264,53 @@ def test_a_model_speech_cannot_feed_says_so(tmp_path):
             ws.send(json.dumps(CONFIG))
             e = json.loads(ws.recv(timeout=60))
             assert e["error"] == "unsupported" and "88 eGeMAPS" in e["detail"]
+
+
+def test_kill_9_mid_utterance_and_resume(tmp_path, voices):
+    """SIGKILL while a participant is half-way through a sentence: after the restart the session holds the
+    finished utterance only, the file is sound, and the next spoken utterance goes on at the next position."""
+    import sqlite3
+
+    from serve_support import ServerProcess
+
+    from affectkit.checkpoint import save_checkpoint
+    from affectkit.config import load_config
+
+    info = {"dims": {"audio": 88}, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
+            "speakers": ["F", "M"], "audio_features": Standardiser(np.zeros(88), np.ones(88)).to_meta()}
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "corect_iemocap4_causal.yaml", ["model.modalities=[audio]", "model.hidden=8",
+                                                                        "model.graph_heads=2"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "audio.pt", cfg, info, build_model(cfg.model_name, cfg.model_params, info))
+    store = tmp_path / "s.db"
+    server = ServerProcess(tmp_path / "audio.pt", store)
+    try:
+        sid, token, ws_url = _session(server.url)
+        with _open(ws_url) as ws:
+            _stream(ws, layout([(0.3, voices[ANA[0]]), (1.0, None)])[0], pace=1.0)
+            (p,) = _of(_frames(ws, lambda f: bool(_of(f, "prediction"))), "prediction")
+            assert p["position"] == 0
+            half = voices[ANA[1]][: len(voices[ANA[1]]) // 2]
+            _stream(ws, half, pace=1.0)
+            _frames(ws, lambda f: bool(_of(f, "speech_start")))
+            server.kill()  # mid-sentence
+    finally:
+        server.stop()
+    assert sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    server = ServerProcess(tmp_path / "audio.pt", store)
+    try:
+        ws_url = server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/stream?token={token}"
+        ws = connect(ws_url, max_size=2**22)
+        with ws:
+            assert json.loads(ws.recv(timeout=30))["position"] == 1  # the half sentence never became one
+            ws.send(json.dumps({**CONFIG, "speaker": "Ana"}))
+            assert json.loads(ws.recv(timeout=120))["type"] == "audio_ready"
+            _stream(ws, layout([(0.3, voices[BEN[0]]), (1.0, None)])[0], pace=1.0)
+            (p,) = _of(_frames(ws, lambda f: bool(_of(f, "prediction"))), "prediction")
+            assert p["position"] == 1
+        t = _transcript(server.url, sid, token)
+    finally:
+        server.stop()
+    texts = [u["text"] for u in t["utterances"]]
+    assert len(texts) == 2 and word_errors(ANA[0], texts[0])[0] <= 2 and word_errors(BEN[0], texts[1])[0] <= 2

@@ -158,11 +158,14 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a causal checkpoint over HTTP + WebSocket (affectkit.serve); binds 127.0.0.1 by default."""
+    from affectkit.serve.audio_ws import AudioSettings
     from affectkit.serve.run import serve
 
+    audio = AudioSettings(pause_ms=args.pause_ms, max_utterance_s=args.max_utterance, store_audio=args.store_audio,
+                          asr_threads=args.asr_threads, asr_batch=args.asr_batch)
     serve(args.checkpoint, host=args.host, port=args.port, store=args.store, max_batch=args.max_batch,
           max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
-          threads=args.threads)
+          threads=args.threads, audio=audio)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -318,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waiting utterances beyond which new ones are refused as 'overloaded'")
     s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    s.add_argument("--pause-ms", type=int, default=500, help="audio: silence that ends an utterance")
+    s.add_argument("--max-utterance", type=float, default=15.0, help="audio: seconds at which an utterance is cut")
+    s.add_argument("--asr-threads", type=int, default=1, help="audio: CPU threads of one Whisper decode")
+    s.add_argument("--asr-batch", type=int, default=8, help="audio: utterances (of all sessions) decoded together")
+    s.add_argument("--store-audio", action="store_true",
+                   help="audio: keep each utterance's PCM in the log (off: a voice is personal data)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("study", help="run a study (variants x seeds) and summarise it against its baseline")

@@ -75,6 +75,16 @@ class AudioSettings:
     asr_threads: int = 1            # CPU threads of one Whisper decode
     store_audio: bool = False       # keep each utterance's PCM in the log
 
+    def __post_init__(self) -> None:
+        from affectkit.audio.segmenter import SegmenterConfig
+        from affectkit.errors import ConfigError
+
+        SegmenterConfig(pause_ms=self.pause_ms, max_utterance_s=self.max_utterance_s)  # ConfigError if out of range
+        if self.max_frame_bytes < 2 or self.burst_s < 0 or self.max_pending < 1 or self.asr_batch < 1 \
+                or self.asr_threads < 1:
+            raise ConfigError("audio settings: max_frame_bytes >= 2, burst_s >= 0, max_pending, asr_batch and "
+                              "asr_threads >= 1")
+
 
 def audio_config(raw: str | None) -> dict[str, Any] | None:
     """The parsed frame if text frame ``raw`` is an audio control frame (``"type": "audio"`` or
@@ -332,23 +342,32 @@ async def _answer_speech(s: Any, fe: AudioFront, session_id: str, track: _Track,
             await say(_error("forced_cut", f"speech longer than {fe.settings.max_utterance_s:g} s without a pause: "
                                            "cut there; the rest goes on as the next utterance"))
         loop = asyncio.get_running_loop()
+        stages: dict[str, float] = {}
+
+        async def timed(name: str, work: Awaitable[Any]) -> Any:
+            start = time.perf_counter()
+            try:
+                return await work
+            finally:
+                stages[name] = round((time.perf_counter() - start) * 1000, 1)
+
         try:
-            said, numbers = await asyncio.gather(fe.asr.submit(seg.audio),
-                                                 loop.run_in_executor(fe.prosody, prosody, seg.audio))
+            said, numbers = await asyncio.gather(timed("transcribe", fe.asr.submit(seg.audio)),
+                                                 timed("prosody", loop.run_in_executor(fe.prosody, prosody, seg.audio)))
         except Overloaded as exc:
             fe.metrics.lost.inc()
             await say(_error("overloaded", f"{exc}; the utterance {seg.start:.1f}-{seg.end:.1f} s is dropped"))
             return
         utt = Utterance(speaker, seg.start, seg.end, said.text, said.confidence, numbers, None, seg.forced)
         if prev is not None:  # this track's utterances enter the conversation in the order they ended
-            await asyncio.wait([prev])
+            await timed("order", asyncio.wait([prev]))
         span = {"speaker": speaker, "start": round(seg.start, 3), "end": round(seg.end, 3)}
         await say({"type": "transcript", **span, "text": utt.text, "confidence": round(utt.confidence, 4)})
         if not fe.plan.classifiable(utt):
             return
         text, feats = fe.plan.inputs(utt)
         try:
-            pred, _rec = await s.batcher.submit(Item(session_id, speaker, text, feats, received))
+            pred, _rec = await timed("model", s.batcher.submit(Item(session_id, speaker, text, feats, received)))
         except Overloaded as exc:
             fe.metrics.lost.inc()
             await say(_error("overloaded", f"{exc}; retry in a second"))
@@ -372,7 +391,7 @@ async def _answer_speech(s: Any, fe: AudioFront, session_id: str, track: _Track,
         s.metrics.utterances.inc()
         await say({"type": "prediction", "position": pred.position, **span, "label": pred.label, "index": pred.index,
                    "probs": {n: round(p, 6) for n, p in zip(s.labels, pred.probs)}, "text": utt.text,
-                   "latency_ms": round(latency * 1000, 3)})
+                   "latency_ms": round(latency * 1000, 3), "stages_ms": stages})
     except Exception:  # noqa: BLE001 - logged; the client gets a short frame, the server goes on
         log.exception("spoken utterance failed")
         await say(_error("internal", "the utterance could not be processed; it was not stored"))
