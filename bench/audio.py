@@ -214,11 +214,14 @@ async def participant(ws_url: str, speaker: str, pcm: bytes, turns: list[dict], 
 
         task = asyncio.create_task(reader())
         step = FRAME * 2
+        late = 0.0
         for k, off in enumerate(range(0, len(pcm), step)):
             delay = start + k * 0.1 - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            late = max(late, -delay)
             await ws.send(pcm[off:off + step])
+        results.append({"speaker": speaker, "send_late_s": late})
         await asyncio.sleep(drain_s)
         task.cancel()
 
@@ -283,6 +286,9 @@ def main() -> None:
             finally:
                 server.stop()
             preds = [r for r in results if "server_ms" in r]
+            late = max((r["send_late_s"] for r in results if "send_late_s" in r), default=0.0)
+            print(f"  (the client sent its frames at most {late:.2f} s behind real time; client CPU "
+                  f"{time.process_time():.0f} s so far)")
             errs = [r["error"] for r in results if "error" in r]
             server_ms = [r["server_ms"] for r in preds]
             user_ms = [r["user_ms"] for r in preds]
