@@ -214,6 +214,18 @@ def test_never_ending_talk_is_cut(server, voices):
     assert len(_transcript(url, sid, token)["utterances"]) == len(_of(frames, "prediction"))
 
 
+def test_audio_end_finishes_the_utterance_in_progress(server, voices):
+    url, _app = server
+    sid, token, ws_url = _session(url)
+    with _open(ws_url) as ws:
+        _stream(ws, np.concatenate([np.zeros(8000, dtype=np.float32), voices[BEN[1]]]))  # no pause at the end
+        ws.send(json.dumps({"type": "audio_end"}))
+        frames = _frames(ws, lambda f: bool(_of(f, "audio_ended")))
+    assert [f["type"] for f in frames][-2:] == ["prediction", "audio_ended"]
+    assert word_errors(BEN[1], _of(frames, "prediction")[0]["text"])[0] <= 2
+    assert len(_transcript(url, sid, token)["utterances"]) == 1
+
+
 def test_a_half_spoken_utterance_is_dropped_when_the_connection_goes(server, voices):
     url, _app = server
     sid, token, ws_url = _session(url)

@@ -16,7 +16,8 @@ Protocol (after the server's ``ready`` frame, on ``/v1/sessions/{id}/stream``):
    ``pause_ms`` after the last word) to the prediction being sent.
 3. Text utterance frames (``{"speaker", "text"}``) keep working on the same connection (one answer each,
    interleaved with the audio events); ``{"type": "audio_end"}`` ends the track (the utterance in
-   progress is finished and classified), as does ``{"type": "audio", ...}`` to switch speakers.
+   progress is finished and classified; ``{"type": "audio_ended"}`` follows the track's last answer), as
+   does ``{"type": "audio", ...}`` to switch speakers.
 
 Bad audio gets an error frame and changes nothing: ``bad_format`` (config), ``no_config`` (PCM before a
 config), ``bad_frame`` (odd byte count), ``too_large`` (frame over the limit), ``rate_limited`` (faster
@@ -229,7 +230,8 @@ async def serve_audio(s: Any, ws: WebSocket, session_id: str, first: dict[str, A
                     for ev in await _events(fe, track, None):
                         _utterance(s, fe, session_id, track, ev, received, say, jobs)
                     track = None
-                if ctl["type"] == "audio_end":
+                if ctl["type"] == "audio_end":  # answered once every utterance of the track is
+                    await asyncio.gather(*jobs, return_exceptions=True)
                     await say({"type": "audio_ended"})
                     continue
                 track, reply = await _configure(s, fe, session_id, ctl)
