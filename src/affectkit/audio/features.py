@@ -58,8 +58,10 @@ def read_manifest(source: str | Path) -> tuple[Path, list[dict[str, str]]]:
 
 
 def build_audio_features(source: str | Path, out: str | Path, classes: list[str] | None = None, seed: int = 0,
-                         progress: bool = True) -> dict[str, Any]:
-    """Write the conversation pickle ``out``; returns a summary (counts, classes, seconds of audio)."""
+                         progress: bool = True, trim: bool = True) -> dict[str, Any]:
+    """Write the conversation pickle ``out``; returns a summary (counts, classes, seconds of audio).
+    ``trim``: cut each file to its speech as the live segmenter would (silero-vad, the same padding), so
+    the features a model trains on are measured on the same stretch of audio as live ones."""
     from tqdm import tqdm
 
     from affectkit.audio.prosody import Standardiser, prosody
@@ -89,6 +91,8 @@ def build_audio_features(source: str | Path, out: str | Path, classes: list[str]
                     x = x[a:b]
                     if not len(x):
                         raise DataError(f"{t['file']}: start/end {t.get('start')}-{t.get('end')} select no audio")
+                if trim:
+                    x = _as_segmented(x)
                 seconds += len(x) / SAMPLE_RATE
                 feats.append(prosody(x))
                 bar.update(1)
@@ -115,6 +119,23 @@ def build_audio_features(source: str | Path, out: str | Path, classes: list[str]
     Path(out).write_bytes(pickle.dumps(out_data))
     return {"out": str(out), "utterances": len(rows), "dialogues": {s: len(out_data[s]) for s in SPLITS},
             "classes": list(labels), "seconds": round(seconds, 1), "synthetic": bool(marker)}
+
+
+def _as_segmented(x: np.ndarray) -> np.ndarray:
+    """The stretch of ``x`` the live segmenter would cut (first speech start to last speech end, with its
+    padding; silence around the file stands in for the track's audio); ``x`` itself if it finds no speech."""
+    from affectkit.audio.segmenter import Segment, Segmenter, SegmenterConfig
+
+    cfg = SegmenterConfig(max_utterance_s=3600)
+    pad = np.zeros(int((cfg.pad_ms + 64) / 1000 * SAMPLE_RATE), dtype=np.float32)
+    tail = np.zeros(int((cfg.pause_ms + 200) / 1000 * SAMPLE_RATE), dtype=np.float32)
+    y = np.concatenate([pad, x, tail])
+    seg = Segmenter(cfg)
+    found = [e for e in seg.push(y) + seg.flush() if isinstance(e, Segment)]
+    if not found:
+        return x
+    a, b = int(found[0].start * SAMPLE_RATE), int(found[-1].end * SAMPLE_RATE)
+    return y[a:b]
 
 
 def _splits(dialogues: dict[str, list[dict[str, str]]], seed: int) -> dict[str, str]:
