@@ -155,3 +155,23 @@ def test_features_audio_refuses_bad_manifests(corpus, tmp_path, capsys):
         assert not (tmp_path / "x.pkl").exists()
     assert main(["-q", "features", "text", "--source", str(corpus), str(tmp_path / "x.pkl")]) == 2
     assert "needs --dataset" in capsys.readouterr().err
+
+
+def test_no_network_needed(corpus, audio_checkpoint, tmp_path):
+    """Every weight comes from an installed package: transcribe runs with the hub offline and every proxy
+    pointing at a closed port (a download attempt would fail)."""
+    import os
+    import subprocess
+    import sys
+
+    vid = next(d for d in json.loads((corpus / "corpus.json").read_text())["dialogues"] if d["split"] == "test")
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
+           "http_proxy": dead, "https_proxy": dead, "NO_PROXY": "", "no_proxy": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "t.jsonl"
+    done = subprocess.run([sys.executable, "-m", "affectkit.cli", "-q", "transcribe", str(audio_checkpoint),
+                           "--audio", f"A={corpus / 'tracks' / (vid['dialogue'] + '_A.wav')}", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.read_text().strip()
