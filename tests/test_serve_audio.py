@@ -171,8 +171,13 @@ def test_audio_errors_leave_the_session_as_it_was(server, voices):
         assert p["type"] == "prediction" and p["position"] == 0
         ws.send(json.dumps({"type": "audio_end"}))
         assert json.loads(ws.recv(timeout=30))["type"] == "audio_ended"
+        ws.send(json.dumps({"speaker": "Ben", "text": "And I typed this."}))
+        assert json.loads(ws.recv(timeout=30))["position"] == 1
+        ws.send(json.dumps({**CONFIG, "speaker": "Cy"}))  # a third participant: the model tells 2 apart
+        e = json.loads(ws.recv(timeout=30))
+        assert e["error"] == "too_many_speakers" and "'Ana', 'Ben'" in e["detail"]
     t = _transcript(url, sid, token)
-    assert [u["text"] for u in t["utterances"]] == ["Typed while the microphone is on."]
+    assert [u["text"] for u in t["utterances"]] == ["Typed while the microphone is on.", "And I typed this."]
     assert "audio" not in t["utterances"][0]
     metrics = httpx.get(url + "/metrics").text
     for kind in ("bad_format", "bad_frame", "too_large", "no_config"):
