@@ -248,16 +248,18 @@ def test_a_half_spoken_utterance_is_dropped_when_the_connection_goes(server, voi
     assert len(t["utterances"]) == 1 and word_errors(ANA[1], t["utterances"][0]["text"])[0] <= 2
 
 
-def test_an_audio_model_reads_the_prosody(tmp_path, voices):
-    info = {"dims": {"audio": 88}, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
+@pytest.mark.parametrize("modalities", [["audio"], ["text", "audio"]])
+def test_an_audio_model_reads_the_prosody(tmp_path, voices, modalities):
+    dims = {"text": 8, "audio": 88} if "text" in modalities else {"audio": 88}
+    info = {"dims": dims, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
             "speakers": ["F", "M"]}
     rng = np.random.default_rng(0)
     norm = Standardiser(rng.normal(size=88), rng.uniform(0.5, 2, size=88))
     info["audio_features"] = norm.to_meta()
     torch.manual_seed(0)
-    model = build_model("corect", {**SMALL, "modalities": ["audio"]}, info).eval()
-    app = create_app((model, info), tmp_path / "s.db", ServeSettings(), audio=AudioSettings(burst_s=1e6,
-                                                                                           store_audio=True))
+    model = build_model("corect", {**SMALL, "modalities": modalities}, info).eval()
+    app = create_app((model, info), tmp_path / "s.db", ServeSettings(), embed=embed,
+                     audio=AudioSettings(burst_s=1e6, store_audio=True))
     with thread_server(app) as url:
         sid, token, ws_url = _session(url)
         with _open(ws_url) as ws:
@@ -270,6 +272,9 @@ def test_an_audio_model_reads_the_prosody(tmp_path, voices):
         (rec,) = app.state.service.store.records(sid)
         np.testing.assert_allclose(rec.features["audio"], norm(np.array(u["audio"]["prosody"])), rtol=1e-4,
                                    atol=1e-4)  # the model read the standardised prosody
+        if "text" in modalities:  # ... and the transcript, embedded like typed text
+            assert rec.text == p["text"]
+            np.testing.assert_allclose(rec.features["text"], embed([p["text"]])[0], atol=1e-6)
 
 
 def test_a_model_speech_cannot_feed_says_so(tmp_path):
