@@ -270,6 +270,48 @@ def cmd_finetune_text(args: argparse.Namespace) -> None:
         print(f"wrote {len(folds)} cross-fitting fold encoders under {Path(args.out) / 'folds'}")
 
 
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["field=name", ...]`` -> {field: name}; ConfigError for an item without '='."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{what}: expected FIELD=NAME, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """A table of utterances (CSV/TSV/JSONL or a folder) -> a conversation feature file."""
+    from affectkit.features.table import import_table
+
+    classes = [c for c in args.classes.split(",")] if args.classes else None
+    summary = import_table(args.source, args.out, columns=_pairs(args.column, "--column"), classes=classes,
+                           labelled=False if args.unlabelled else None, encoding=args.encoding,
+                           fractions=args.split_fractions, seed=args.seed, audio=not args.no_audio,
+                           cache_dir=args.cache, encoder=args.encoder, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    classes_note = ", ".join(summary["classes"]) if summary["labelled"] else "none (unlabelled: predict only)"
+    print(f"wrote {summary['out']}: dialogues {summary['dialogues']}, utterances {summary['utterances']}; "
+          f"classes: {classes_note}; {summary['speakers']} speakers; modalities {', '.join(summary['modalities'])}; "
+          f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache ({summary['seconds']:.1f}s)")
+    print(summary["notes"])
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Labels and class probabilities for every utterance of a conversation file (labels not needed)."""
+    from affectkit.predict import FORMATS, format_predictions, predict_checkpoint, write_predictions
+
+    if args.out and Path(args.out).suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file")
+    names, rows = predict_checkpoint(args.checkpoint, args.data, args.split, device=args.device)
+    if args.out:
+        write_predictions(names, rows, args.out)
+        log.info("wrote %d predictions (%s) to %s", len(rows), ", ".join(names), args.out)
+    else:
+        sys.stdout.write(format_predictions(names, rows, ".csv"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="affectkit", description="Multimodal affect recognition toolkit.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -398,6 +440,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crossfit", type=int, default=0, metavar="K",
                    help="also train K fold encoders, each without one train fold (for features --crossfit)")
     s.set_defaults(func=cmd_finetune_text)
+
+    s = sub.add_parser("import", help="your own conversations: a CSV/TSV/JSONL table (or folder) -> feature file")
+    s.add_argument("source", help="table file (.csv .tsv .jsonl) or a folder of them; one row per utterance")
+    s.add_argument("out", help="output pickle (conversation layout)")
+    s.add_argument("--column", action="append", metavar="FIELD=NAME",
+                   help="map a field (dialogue order speaker text label split audio start end) to your column")
+    s.add_argument("--classes", help="class names in label order, comma-separated (default: the labels found, sorted)")
+    s.add_argument("--unlabelled", action="store_true", help="ignore any label column (for predict only)")
+    s.add_argument("--encoding", default="auto", choices=["auto", "utf-8", "cp1252"],
+                   help="auto: UTF-8, or cp1252 for a file with no UTF-8 text (default %(default)s)")
+    s.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "DEV", "TEST"),
+                   help="seeded split by dialogue when there is no split column (default 0.8 0.1 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="seed of that split (default %(default)s)")
+    s.add_argument("--no-audio", action="store_true", help="ignore an audio column")
+    s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
+    s.add_argument("--encoder", metavar="DIR", help="a finetune-text output folder instead of the shipped encoder")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("predict", help="labels and class probabilities for every utterance (labels not needed)")
+    s.add_argument("checkpoint", help="a conversation checkpoint (best.pt); causal ones predict as the live service")
+    s.add_argument("data", help="a conversation file, e.g. from affectkit import (labelled or not)")
+    s.add_argument("--out", help="predictions.csv or predictions.jsonl (default: CSV on stdout)")
+    s.add_argument("--split", action="append", help="split(s) to predict (default: all)")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps")
+    s.set_defaults(func=cmd_predict)
     return p
 
 

@@ -216,6 +216,15 @@ class Store:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM utterances").fetchone()[0])
 
+    def durability(self) -> dict[str, str]:
+        """The write connection's ``journal_mode`` and ``synchronous`` as SQLite reports them (``synchronous``
+        by name: OFF, NORMAL, FULL, EXTRA), so tests and operators can check the promised setting."""
+        names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+        with self._lock:
+            journal = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            sync = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return {"journal_mode": journal, "synchronous": names.get(sync, str(sync))}
+
     def integrity(self) -> str:
         """``PRAGMA integrity_check``: "ok" for a sound file."""
         with self._lock:
