@@ -185,7 +185,7 @@ def test_spoken_corpus_is_labelled_synthetic(tmp_path):
         for speaker in ("A", "B"):
             track = read_wav(tmp_path / "tracks" / f"{d['dialogue']}_{speaker}.wav")
             mine = [t for t in d["turns"] if t["speaker"] == speaker]
-            segs = _segments(feed(Segmenter(), track) + [])
+            segs = _segments(feed(Segmenter(), track))
             assert len(segs) == len(mine)  # the track holds exactly this speaker's turns
     assert write_spoken_corpus(tmp_path / "again", {"train": 1, "dev": 0, "test": 1}, turns=(3, 3),
                                seed=1)["dialogues"] == meta["dialogues"]
@@ -200,3 +200,15 @@ def test_no_model_loads_at_import_time():
             "'silero_vad'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "PYTHONPATH": "src"},
                    cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+
+
+def test_speech_span_cuts_what_the_live_segmenter_cuts(sentences):
+    from affectkit.audio.segmenter import speech_span
+
+    track, _ = layout([(1.0, sentences["first"]), (1.5, None)])
+    (live,) = _segments(feed(Segmenter(), track))
+    cut = speech_span(track)
+    assert abs(len(cut) - len(live.audio)) <= 2 * 512  # the same stretch, give or take a VAD chunk
+    assert len(cut) < len(track) - SAMPLE_RATE  # the silence around it is gone
+    silent = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    assert len(speech_span(silent)) == SAMPLE_RATE  # no speech: the audio as it is

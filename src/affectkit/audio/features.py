@@ -65,6 +65,7 @@ def build_audio_features(source: str | Path, out: str | Path, classes: list[str]
     from tqdm import tqdm
 
     from affectkit.audio.prosody import Standardiser, prosody
+    from affectkit.audio.segmenter import speech_span
 
     root, rows = read_manifest(source)
     labels = classes or _corpus_classes(root) or sorted({r["label"] for r in rows})
@@ -92,7 +93,7 @@ def build_audio_features(source: str | Path, out: str | Path, classes: list[str]
                     if not len(x):
                         raise DataError(f"{t['file']}: start/end {t.get('start')}-{t.get('end')} select no audio")
                 if trim:
-                    x = _as_segmented(x)
+                    x = speech_span(x)
                 seconds += len(x) / SAMPLE_RATE
                 feats.append(prosody(x))
                 bar.update(1)
@@ -119,23 +120,6 @@ def build_audio_features(source: str | Path, out: str | Path, classes: list[str]
     Path(out).write_bytes(pickle.dumps(out_data))
     return {"out": str(out), "utterances": len(rows), "dialogues": {s: len(out_data[s]) for s in SPLITS},
             "classes": list(labels), "seconds": round(seconds, 1), "synthetic": bool(marker)}
-
-
-def _as_segmented(x: np.ndarray) -> np.ndarray:
-    """The stretch of ``x`` the live segmenter would cut (first speech start to last speech end, with its
-    padding; silence around the file stands in for the track's audio); ``x`` itself if it finds no speech."""
-    from affectkit.audio.segmenter import Segment, Segmenter, SegmenterConfig
-
-    cfg = SegmenterConfig(max_utterance_s=3600)
-    pad = np.zeros(int((cfg.pad_ms + 64) / 1000 * SAMPLE_RATE), dtype=np.float32)
-    tail = np.zeros(int((cfg.pause_ms + 200) / 1000 * SAMPLE_RATE), dtype=np.float32)
-    y = np.concatenate([pad, x, tail])
-    seg = Segmenter(cfg)
-    found = [e for e in seg.push(y) + seg.flush() if isinstance(e, Segment)]
-    if not found:
-        return x
-    a, b = int(found[0].start * SAMPLE_RATE), int(found[-1].end * SAMPLE_RATE)
-    return y[a:b]
 
 
 def _splits(dialogues: dict[str, list[dict[str, str]]], seed: int) -> dict[str, str]:

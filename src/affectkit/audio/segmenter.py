@@ -22,7 +22,7 @@ import torch
 from affectkit.audio import SAMPLE_RATE
 from affectkit.errors import ConfigError
 
-__all__ = ["CHUNK", "Segment", "Segmenter", "SegmenterConfig", "SpeechStart"]
+__all__ = ["CHUNK", "Segment", "Segmenter", "SegmenterConfig", "SpeechStart", "speech_span"]
 
 #: Samples per VAD decision (silero-vad at 16 kHz).
 CHUNK = 512
@@ -165,3 +165,21 @@ class Segmenter:
         if not forced and len(audio) < (self.config.min_speech_ms + 2 * self.config.pad_ms) * SAMPLE_RATE / 1000:
             return None
         return Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, audio, forced)
+
+
+def speech_span(audio: np.ndarray, config: SegmenterConfig | None = None) -> np.ndarray:
+    """The stretch of one utterance's recording that the live segmenter would cut: first speech start to last
+    speech end, with its padding (silence around the file stands in for the track's audio); the audio itself
+    if no speech is found.  Features for training are measured on this stretch so that they match live ones
+    (on the SYNTHETIC corpus, untrimmed training features cost 23 points of label accuracy from raw tracks)."""
+    c = config or SegmenterConfig()
+    c = SegmenterConfig(c.threshold, c.pause_ms, c.pad_ms, c.min_speech_ms, max_utterance_s=3600)
+    x = np.asarray(audio, dtype=np.float32).reshape(-1)
+    before = np.zeros(int((c.pad_ms + 64) / 1000 * SAMPLE_RATE), dtype=np.float32)
+    after = np.zeros(int((c.pause_ms + 200) / 1000 * SAMPLE_RATE), dtype=np.float32)
+    y = np.concatenate([before, x, after])
+    seg = Segmenter(c)
+    found = [e for e in seg.push(y) + seg.flush() if isinstance(e, Segment)]
+    if not found:
+        return x
+    return y[int(round(found[0].start * SAMPLE_RATE)):int(round(found[-1].end * SAMPLE_RATE))]
