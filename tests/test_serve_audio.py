@@ -189,15 +189,13 @@ def test_faster_than_real_time_is_refused(text_model, voices, tmp_path):
     with thread_server(app) as url:
         sid, token, ws_url = _session(url)
         with _open(ws_url) as ws:
-            start = time.monotonic()
-            _stream(ws, np.zeros(16000 * 3, dtype=np.float32))  # 3 s at once: 1 s burst + the time it took
-            took = time.monotonic() - start
+            _stream(ws, np.zeros(16000 * 6, dtype=np.float32))  # 6 s at once: 1 s burst + the time it takes
             errors = []
             with pytest.raises(TimeoutError):
                 while True:
                     errors.append(json.loads(ws.recv(timeout=1.5)))
             assert {e["error"] for e in errors} == {"rate_limited"}
-            assert 30 - (1.0 + took) * 10 - 2 <= len(errors) <= 20  # 100 ms frames beyond the allowance
+            assert 10 <= len(errors) <= 50  # the burst alone lets 10 of the 60 frames in
             time.sleep(1.0)  # after a pause the allowance is back
             ws.send(json.dumps({"speaker": "Ana", "text": "hello"}))
             assert json.loads(ws.recv(timeout=30))["type"] in ("prediction", "error")
