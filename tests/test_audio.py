@@ -112,7 +112,6 @@ def test_transcription_of_espeak_speech(sentences):
     wer = sum(e for e, _ in errors) / sum(n for _, n in errors)
     assert wer <= 0.2, [t.text for t in texts]
     assert all(0 < t.confidence <= 1 for t in texts)
-    assert tr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32)).text.strip(" .") in ("", "you")
 
 
 def test_full_mode_gives_words_with_times(sentences):
