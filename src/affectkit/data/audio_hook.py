@@ -46,11 +46,12 @@ def _prosody(path: Path, start: float | None, end: float | None) -> np.ndarray:
     from affectkit.audio import SAMPLE_RATE
     from affectkit.audio.pcm import read_wav
     from affectkit.audio.prosody import prosody
+    from affectkit.audio.segmenter import speech_span
 
     x = read_wav(path)
     lo = int(round((start or 0.0) * SAMPLE_RATE))
     hi = len(x) if end is None else int(round(end * SAMPLE_RATE))
-    return prosody(x[lo:hi], SAMPLE_RATE)
+    return prosody(speech_span(x[lo:hi]), SAMPLE_RATE)  # the stretch the live segmenter would cut
 
 
 def prosody_hook() -> ProsodyFn | None:
