@@ -192,7 +192,8 @@ async def participant(ws_url: str, speaker: str, pcm: bytes, turns: list[dict], 
     true end of speech (the script's track_end) to their arrival."""
     import websockets
 
-    async with websockets.connect(ws_url, max_size=2**22) as ws:
+    url, token = ws_url.split("#")  # the token goes in a header, never in the URL
+    async with websockets.connect(url, max_size=2**22, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
         assert json.loads(await ws.recv())["type"] == "ready"
         await ws.send(json.dumps({"type": "audio", "speaker": speaker,
                                   "format": {"encoding": "s16le", "sample_rate": 16000, "channels": 1}}))
@@ -237,7 +238,7 @@ async def live(url: str, folder: Path, script: list[dict], n: int, drain_s: floa
     jobs, results, expected, audio_s = [], [], 0, 0.0
     t0 = time.perf_counter()
     for s, d in sessions:
-        ws_url = url.replace("http://", "ws://") + s["stream"] + f"?token={s['token']}"
+        ws_url = url.replace("http://", "ws://") + s["stream"] + f"#{s['token']}"
         for speaker in ("A", "B"):
             x = read_wav(folder / "tracks" / f"{d['dialogue']}_{speaker}.wav")
             audio_s += len(x) / SAMPLE_RATE

@@ -40,15 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DIM = 384
 
 
-def write_log(path: Path, sessions: int, logged: int, seed: int = 0) -> list[tuple[str, str]]:
-    """A store with ``sessions`` sessions of ``logged`` utterances each; returns their (id, token)."""
+def write_log(path: Path, sessions: int, logged: int, checkpoint: Path, seed: int = 0) -> list[tuple[str, str]]:
+    """A store with ``sessions`` sessions of ``logged`` utterances each, answered by ``checkpoint`` (the log
+    records its model); returns their (id, token)."""
+    from affectkit.serve.service import identity_of
     from affectkit.serve.store import Record, Store
 
     rng = np.random.default_rng(seed)
     store = Store(path, synchronous="NORMAL")
     ids = [(f"storm-session-{k:04d}", f"storm-token-{k:04d}") for k in range(sessions)]
+    identity = identity_of(checkpoint)
+    store.register_model(identity)
     for sid, tok in ids:
-        store.create_session(sid, tok)
+        store.create_session(sid, tok, identity["hash"])
         x = rng.standard_normal((logged, DIM)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         store.append([Record(sid, p, ["ana", "ben"][int(rng.random() < 0.4)], f"logged sentence {p}",
@@ -175,7 +179,7 @@ def main() -> None:
         storms = []
         for r in range(args.repeats):
             store = Path(tmp) / f"storm{r}.db"
-            ids = write_log(store, args.sessions, args.logged, seed=r)
+            ids = write_log(store, args.sessions, args.logged, ckpt, seed=r)
             server = Server(ckpt, store, 32, args.threads)
             try:
                 s = asyncio.run(storm(server.url, ids, args.calm, seed=r))

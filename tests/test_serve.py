@@ -57,6 +57,10 @@ def _open(c: TestClient) -> tuple[str, str]:
     return r.json()["id"], r.json()["token"]
 
 
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _say(ws, speaker: str, text: str | None = None, **extra) -> dict:
     ws.send_text(json.dumps({"speaker": speaker, **({"text": text} if text is not None else {}), **extra}))
     return ws.receive_json()
@@ -95,14 +99,14 @@ def test_session_lifecycle_and_answers_equal_the_engine(model):
                 assert a["type"] == "prediction" and a["position"] == k and a["id"] == k
                 assert a["speaker"] == name and a["label"] == w.label and a["latency_ms"] > 0
                 np.testing.assert_allclose([a["probs"][n] for n in INFO["label_names"]], w.probs, atol=1e-6)
-        t = c.get(f"/v1/sessions/{sid}", params={"token": tok}).json()
+        t = c.get(f"/v1/sessions/{sid}", headers=_auth(tok)).json()
         assert t["speakers"] == ["Ann", "Bob"] and [u["text"] for u in t["utterances"]] == [x for _, x in CONVERSATION]
         assert [u["label"] for u in t["utterances"]] == [w.label for w in want]
         # reopening continues the same conversation
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             assert ws.receive_json()["position"] == len(CONVERSATION)
         assert c.delete(f"/v1/sessions/{sid}", headers={"Authorization": f"Bearer {tok}"}).status_code == 204
-        assert c.get(f"/v1/sessions/{sid}", params={"token": tok}).status_code == 404
+        assert c.get(f"/v1/sessions/{sid}", headers=_auth(tok)).status_code == 404
         metrics = c.get("/metrics").text
         assert f"affectkit_utterances_total {float(len(CONVERSATION))}" in metrics
         assert "affectkit_latency_seconds_bucket" in metrics and "affectkit_sessions_created_total 1.0" in metrics
@@ -114,11 +118,11 @@ def test_session_lifecycle_and_answers_equal_the_engine(model):
 def test_features_frames_and_raw_text_give_the_same_answer(model):
     with _client(model) as c:
         sid, tok = _open(c)
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             ws.receive_json()
             a = _say(ws, "Ann", "Hello there.")
         sid2, tok2 = _open(c)
-        with c.websocket_connect(f"/v1/sessions/{sid2}/stream?token={tok2}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid2}/stream", headers=_auth(tok2)) as ws:
             ws.receive_json()
             b = _say(ws, "Zed", features={"text": embed(["Hello there."])[0].tolist()})
         assert a["probs"] == b["probs"] and a["position"] == b["position"] == 0
@@ -130,7 +134,7 @@ def test_replay_after_eviction_equals_an_uninterrupted_run(model):
     with _client(model, idle_evict_s=0.0, sweep_every_s=0.005) as c:
         sid, tok = _open(c)
         svc = c.app.state.service
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             ws.receive_json()
             for (name, text), w in zip(CONVERSATION, want):
                 time.sleep(0.02)  # let the sweeper evict the session between utterances
@@ -260,7 +264,7 @@ def _sockets(c: TestClient, stack: contextlib.ExitStack, n: int) -> list:
     out = []
     for _ in range(n):
         sid, tok = _open(c)
-        ws = stack.enter_context(c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}"))
+        ws = stack.enter_context(c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)))
         ws.receive_json()
         out.append(ws)
     return out
@@ -318,18 +322,19 @@ def test_auth_unknown_session_404_other_token_403_none_401(model):
     with _client(model) as c:
         a_id, a_tok = _open(c)
         b_id, b_tok = _open(c)
-        assert c.get(f"/v1/sessions/{a_id}", params={"token": b_tok}).status_code == 403
+        assert c.get(f"/v1/sessions/{a_id}", headers=_auth(b_tok)).status_code == 403
         assert c.get(f"/v1/sessions/{a_id}").status_code == 401
-        assert c.get("/v1/sessions/nonexistent-session", params={"token": a_tok}).status_code == 404
-        assert c.get("/v1/sessions/..%2f..%2fetc", params={"token": a_tok}).status_code == 404
-        assert c.delete(f"/v1/sessions/{b_id}", params={"token": a_tok}).status_code == 403
-        for path, code in [(f"/v1/sessions/{a_id}/stream?token={b_tok}", 403), (f"/v1/sessions/{a_id}/stream", 401),
-                           ("/v1/sessions/nonexistent-session/stream?token=x", 404)]:
+        assert c.get("/v1/sessions/nonexistent-session", headers=_auth(a_tok)).status_code == 404
+        assert c.get("/v1/sessions/..%2f..%2fetc", headers=_auth(a_tok)).status_code == 404
+        assert c.delete(f"/v1/sessions/{b_id}", headers=_auth(a_tok)).status_code == 403
+        for path, tok, code in [(f"/v1/sessions/{a_id}/stream", b_tok, 403), (f"/v1/sessions/{a_id}/stream", None, 401),
+                                ("/v1/sessions/nonexistent-session/stream", "x", 404),
+                                (f"/v1/sessions/{a_id}/stream?token={a_tok}", None, 400)]:
             with pytest.raises(WebSocketDenialResponse) as denied:
-                with c.websocket_connect(path):
+                with c.websocket_connect(path, headers=_auth(tok) if tok else {}):
                     pass
             assert denied.value.status_code == code
-        assert c.get(f"/v1/sessions/{b_id}", params={"token": b_tok}).status_code == 200
+        assert c.get(f"/v1/sessions/{b_id}", headers=_auth(b_tok)).status_code == 200
 
 
 def _bad_frames(too_long: str) -> list[tuple[object, str]]:
@@ -365,7 +370,7 @@ def test_bad_frames_get_an_error_frame_and_change_nothing(model):
     want = _reference(model, CONVERSATION[:3])
     with _client(model, max_message_bytes=50_000, max_text_chars=100) as c:
         sid, tok = _open(c)
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             ws.receive_json()
             _say(ws, *CONVERSATION[0])
             _say(ws, *CONVERSATION[1])
@@ -377,13 +382,13 @@ def test_bad_frames_get_an_error_frame_and_change_nothing(model):
             a = _say(ws, *CONVERSATION[2])
             assert a["position"] == 2
             np.testing.assert_allclose(list(a["probs"].values()), want[2].probs, atol=1e-6)
-        assert len(c.get(f"/v1/sessions/{sid}", params={"token": tok}).json()["utterances"]) == 3
+        assert len(c.get(f"/v1/sessions/{sid}", headers=_auth(tok)).json()["utterances"]) == 3
 
 
 def test_rate_limit_and_idle_timeout(model):
     with _client(model, rate_per_s=0.5, rate_burst=2, idle_timeout_s=0.3) as c:
         sid, tok = _open(c)
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             ws.receive_json()
             kinds = [_say(ws, "Ann", f"u{k}").get("error", "ok") for k in range(3)]
             assert kinds == ["ok", "ok", "rate_limited"]
@@ -419,7 +424,7 @@ def test_fuzzed_frames_never_crash_or_change_a_session(model):
     """Whatever arrives, one frame comes back; an error frame leaves the session as it was."""
     with _client(model, rate_per_s=1e6, rate_burst=1e6) as c:
         sid, tok = _open(c)
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers=_auth(tok)) as ws:
             ws.receive_json()
             state = {"n": 0}
 
@@ -437,7 +442,7 @@ def test_fuzzed_frames_never_crash_or_change_a_session(model):
             probe = _say(ws, "Ann", "still here")
             assert probe["type"] == "prediction" and probe["position"] == state["n"]
         assert c.get("/healthz").status_code == 200
-        assert len(c.get(f"/v1/sessions/{sid}", params={"token": tok}).json()["utterances"]) == state["n"] + 1
+        assert len(c.get(f"/v1/sessions/{sid}", headers=_auth(tok)).json()["utterances"]) == state["n"] + 1
 
 
 def test_cli_serve_refuses_bad_input_in_one_line(model, tmp_path, capsys):

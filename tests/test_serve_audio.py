@@ -69,11 +69,17 @@ def server(text_model, tmp_path_factory):
 
 def _session(url: str) -> tuple[str, str, str]:
     s = httpx.post(url + "/v1/sessions").json()
-    return s["id"], s["token"], url.replace("http://", "ws://") + s["stream"] + f"?token={s['token']}"
+    return s["id"], s["token"], url.replace("http://", "ws://") + s["stream"] + f"#{s['token']}"
+
+
+def _connect(ws_url: str):
+    """A WebSocket to ``URL#TOKEN`` (the token goes in the Authorization header, never in the URL)."""
+    url, token = ws_url.split("#")
+    return connect(url, max_size=2**22, additional_headers={"Authorization": f"Bearer {token}"})
 
 
 def _open(ws_url: str, speaker: str | None = "Ana"):
-    ws = connect(ws_url, max_size=2**22)
+    ws = _connect(ws_url)
     assert json.loads(ws.recv(timeout=30))["type"] == "ready"
     if speaker is not None:
         ws.send(json.dumps({**CONFIG, "speaker": speaker}))
@@ -320,8 +326,7 @@ def test_kill_9_mid_utterance_and_resume(tmp_path, voices):
     assert sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     server = ServerProcess(tmp_path / "audio.pt", store)
     try:
-        ws_url = server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/stream?token={token}"
-        ws = connect(ws_url, max_size=2**22)
+        ws = _connect(server.url.replace("http://", "ws://") + f"/v1/sessions/{sid}/stream#{token}")
         with ws:
             assert json.loads(ws.recv(timeout=30))["position"] == 1  # the half sentence never became one
             ws.send(json.dumps({**CONFIG, "speaker": "Ana"}))

@@ -52,7 +52,9 @@ def _post(url: str) -> dict:
 
 def _drive(ws_url: str, conv, start: int, answered: list, stop_after: int | None = None) -> None:
     try:
-        with connect(ws_url, open_timeout=30, close_timeout=2) as ws:
+        url, token = ws_url.split("#")  # the token goes in a header, never in the URL
+        with connect(url, open_timeout=30, close_timeout=2,
+                     additional_headers={"Authorization": f"Bearer {token}"}) as ws:
             ready = json.loads(ws.recv(timeout=30))
             assert ready["position"] == start
             for k in range(start, len(conv) if stop_after is None else min(len(conv), stop_after)):
@@ -74,7 +76,7 @@ def test_kill_9_under_load_then_resume_exactly(checkpoint, tmp_path):
     try:
         sessions = [_post(server.url) for _ in convs]
         ws_base = server.url.replace("http://", "ws://")
-        urls = [f"{ws_base}/v1/sessions/{s['id']}/stream?token={s['token']}" for s in sessions]
+        urls = [f"{ws_base}/v1/sessions/{s['id']}/stream#{s['token']}" for s in sessions]
         threads = [threading.Thread(target=_drive, args=(u, c, 0, a), daemon=True)
                    for u, c, a in zip(urls, convs, answered)]
         for t in threads:
@@ -104,15 +106,17 @@ def test_kill_9_under_load_then_resume_exactly(checkpoint, tmp_path):
         ws_base = server.url.replace("http://", "ws://")
         a, b = sessions[:2]  # over the real server too: another session's token is refused with 403
         with pytest.raises(InvalidStatus) as denied:
-            connect(f"{ws_base}/v1/sessions/{a['id']}/stream?token={b['token']}", open_timeout=30)
+            connect(f"{ws_base}/v1/sessions/{a['id']}/stream", open_timeout=30,
+                    additional_headers={"Authorization": f"Bearer {b['token']}"})
         assert denied.value.response.status_code == 403
         for s, conv, w in zip(sessions, convs, want):
             import httpx
 
-            t = httpx.get(f"{server.url}/v1/sessions/{s['id']}", params={"token": s["token"]}, timeout=30).json()
+            t = httpx.get(f"{server.url}/v1/sessions/{s['id']}", headers={"Authorization": f"Bearer {s['token']}"},
+                          timeout=30).json()
             stored = len(t["utterances"])
             rest: list[dict] = []
-            _drive(f"{ws_base}/v1/sessions/{s['id']}/stream?token={s['token']}", conv, stored, rest)
+            _drive(f"{ws_base}/v1/sessions/{s['id']}/stream#{s['token']}", conv, stored, rest)
             assert [a["position"] for a in rest] == list(range(stored, N_UTT))
             got = [list(u["probs"].values()) for u in t["utterances"]] + [list(a["probs"].values()) for a in rest]
             np.testing.assert_allclose(got, w, atol=1e-5)

@@ -23,6 +23,7 @@ from test_serve import DIM, INFO, SMALL, _reference, embed  # noqa: E402
 from affectkit.models import build_model  # noqa: E402
 from affectkit.serve.app import ServeSettings, create_app  # noqa: E402
 from affectkit.serve.batcher import Batcher, Overloaded  # noqa: E402
+from affectkit.serve.service import identity_of  # noqa: E402
 from affectkit.serve.sessions import Item, SessionPool  # noqa: E402
 from affectkit.serve.store import Store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
@@ -47,8 +48,10 @@ def _stored(path: Path, model, sessions: int, n: int) -> list[tuple[str, str]]:
     store = Store(path)
     pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
     ids = [(f"session-{k:03d}", f"token-{k}") for k in range(sessions)]
+    identity = identity_of(model, embed)
+    store.register_model(identity)
     for sid, tok in ids:
-        store.create_session(sid, tok)
+        store.create_session(sid, tok, identity["hash"])
     items = [Item(sid, name, text, {}) for sid, _ in ids for name, text in _conversation(n, sid)]
     assert all(isinstance(r, tuple) for r in pool.step(items))
     store.close()
@@ -56,7 +59,8 @@ def _stored(path: Path, model, sessions: int, n: int) -> list[tuple[str, str]]:
 
 
 def _connect(c: TestClient, stack: contextlib.ExitStack, sid: str, tok: str):
-    return stack.enter_context(c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}"))
+    return stack.enter_context(c.websocket_connect(f"/v1/sessions/{sid}/stream",
+                                                   headers={"Authorization": f"Bearer {tok}"}))
 
 
 def _wait_for(condition, what: str, timeout: float = 20.0) -> None:
@@ -199,7 +203,7 @@ def test_sessions_rebuilt_after_a_restart_continue_exactly(model, tmp_path):
     want = _reference(model, conversation)
     (sid, tok), = _stored(tmp_path / "log.db", model, 1, 34)
     with TestClient(create_app(model, tmp_path / "log.db", ServeSettings(), embed=embed)) as c:
-        with c.websocket_connect(f"/v1/sessions/{sid}/stream?token={tok}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{sid}/stream", headers={"Authorization": f"Bearer {tok}"}) as ws:
             ready = ws.receive_json()
             assert ready["position"] == 34 and ready["speakers"] == ["Ann", "Bob"]
             for k in range(34, 40):
@@ -285,7 +289,7 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
         gate.clear()
         first = _connect(c, stack, *ids[0])
         _wait_for(lambda: ("piece", (ids[0][0],)) in log, "the first rebuild to start")
-        with c.websocket_connect(f"/v1/sessions/{ids[1][0]}/stream?token={ids[1][1]}"):
+        with c.websocket_connect(f"/v1/sessions/{ids[1][0]}/stream", headers={"Authorization": f"Bearer {ids[1][1]}"}):
             _wait_for(lambda: svc.batcher.jobs_waiting == 2, "two rebuilds in the lane")
             refused = _connect(c, stack, *ids[2])
             assert refused.receive_json()["error"] == "overloaded"

@@ -165,7 +165,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           asr_threads=args.asr_threads, asr_batch=args.asr_batch)
     serve(args.checkpoint, host=args.host, port=args.port, store=args.store, max_batch=args.max_batch,
           max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
-          threads=args.threads, audio=audio)
+          threads=args.threads, audio=audio, api_key=args.api_key, create_per_min=args.create_rate,
+          max_sessions=args.max_sessions, max_utterances=args.max_utterances, max_store_mb=args.max_store_mb,
+          retain_days=args.retain, rate_per_s=args.rate, max_live_sessions=args.max_live,
+          idle_timeout_s=args.idle_timeout, engine_batch=not args.no_engine_batch,
+          allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
+          allowed_origins=tuple(args.allowed_origin) if args.allowed_origin else None,
+          rate_burst=2 * args.rate, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+          proxy_headers=args.forwarded_allow_ips is not None, forwarded_allow_ips=args.forwarded_allow_ips)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -363,6 +370,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waiting utterances beyond which new ones are refused as 'overloaded'")
     s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    s.add_argument("--max-live", type=int, default=1024, help="sessions kept in memory at most")
+    s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before a silent WebSocket is closed")
+    s.add_argument("--rate", type=float, default=20.0, help="frames per second per session, valid or not (burst 2x)")
+    s.add_argument("--no-engine-batch", action="store_true",
+                   help="push each session on its own (encoder-only batching; the bench's baseline)")
+    s.add_argument("--api-key", help="operator key needed to create sessions (or $AFFECTKIT_API_KEY); "
+                                     "required to bind beyond localhost")
+    s.add_argument("--create-rate", type=float, default=30.0, help="new sessions per minute per client address")
+    s.add_argument("--max-sessions", type=int, default=10_000, help="sessions kept in the log at most")
+    s.add_argument("--max-utterances", type=int, default=10_000, help="utterances per session at most")
+    s.add_argument("--max-store-mb", type=float, default=4096.0, help="log size beyond which nothing new is stored")
+    s.add_argument("--retain", type=float, metavar="DAYS",
+                   help="delete sessions unused for DAYS days, with their log (default: keep)")
+    s.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="Host header to serve (repeat; *.example.com for subdomains; default: this machine's "
+                        "names and --host)")
+    s.add_argument("--allowed-origin", action="append", metavar="URL",
+                   help="browser origin besides the page's own that may open sessions (repeat)")
+    s.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile, uvicorn serves https/wss")
+    s.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    s.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="trust X-Forwarded-For/-Proto from these proxy addresses (comma-separated)")
     s.add_argument("--pause-ms", type=int, default=500, help="audio: silence that ends an utterance")
     s.add_argument("--max-utterance", type=float, default=15.0, help="audio: seconds at which an utterance is cut")
     s.add_argument("--asr-threads", type=int, default=1, help="audio: CPU threads of one Whisper decode")

@@ -25,7 +25,8 @@ from affectkit.errors import AffectkitError, DataError
 from affectkit.serve.store import Record, Store
 from affectkit.stream import Prediction, Stream, push_batch
 
-__all__ = ["Item", "Live", "SessionPool", "TooManySpeakers", "UnknownSession", "speaker_tag"]
+__all__ = ["Item", "Live", "LogFull", "OtherModel", "SessionPool", "TooManySpeakers", "UnknownSession",
+           "speaker_tag"]
 
 
 class TooManySpeakers(DataError):
@@ -34,6 +35,18 @@ class TooManySpeakers(DataError):
 
 class UnknownSession(AffectkitError):
     """The session was deleted (or never existed)."""
+
+
+class OtherModel(AffectkitError):
+    """The session was logged through another model (or its log disagrees with this model's labels)."""
+
+
+class LogFull(AffectkitError):
+    """A cap on the log is reached (``kind``: ``session_full`` or ``store_full``); nothing was written."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
 
 
 def speaker_tag(names: Sequence[str], name: str, tags: Sequence[Any]) -> tuple[Any, bool]:
@@ -79,17 +92,33 @@ class _Rebuild:
     error: Exception | None = None
 
 
+def other_model_message(session_id: str, logged: str | None, serving: str) -> str:
+    """The one-line refusal for a session logged through another model."""
+    if logged is None:
+        return (f"session {session_id} was logged before the log recorded its model, so it cannot be checked "
+                "against this one: its transcript is readable, it cannot be continued")
+    return (f"session {session_id} was logged through model {logged[:12]}, this server runs {serving[:12]}: "
+            "serve that checkpoint to continue it (its transcript stays readable)")
+
+
 class SessionPool:
     """Live sessions over one shared engine (``base``, an empty :class:`Stream`), backed by ``store``.
 
     ``tags``: the model's speaker tags in slot order; ``embed``: sentences -> (N, D) text features;
-    ``idle_s``: evict a session unused that long; ``max_live``: evict the least recently used beyond.
+    ``idle_s``: evict a session unused that long; ``max_live``: evict the least recently used beyond;
+    ``model``: the hash of the model (only sessions logged through it are rebuilt; None: any);
+    ``max_utterances`` per session and ``max_store_bytes`` of log (beyond: :class:`LogFull`, nothing written);
+    ``engine_batch``: step the sessions of a wave in one forward (False: one push each, the bench's baseline).
     """
 
     def __init__(self, base: Stream, store: Store, tags: Sequence[Any],
-                 embed: Callable[[list[str]], Any] | None, idle_s: float = 600.0, max_live: int = 1024) -> None:
+                 embed: Callable[[list[str]], Any] | None, idle_s: float = 600.0, max_live: int = 1024,
+                 model: str | None = None, max_utterances: int | None = None, max_store_bytes: int | None = None,
+                 engine_batch: bool = True) -> None:
         self.base, self.store, self.tags, self.embed = base, store, list(tags), embed
         self.idle_s, self.max_live = idle_s, max_live
+        self.model, self.max_utterances, self.max_store_bytes = model, max_utterances, max_store_bytes
+        self.engine_batch = engine_batch
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.rebuilt = 0
         self._rebuilds_running = 0
@@ -162,12 +191,20 @@ class SessionPool:
 
     def _begin(self, session_id: str) -> _Rebuild:
         """Read a session's log and set up its rebuild (nothing runs yet)."""
-        if self.store.session(session_id) is None:
+        row = self.store.session(session_id)
+        if row is None:
             raise UnknownSession(f"session {session_id} does not exist (deleted?)")
+        if self.model is not None and row.model != self.model:
+            raise OtherModel(other_model_message(session_id, row.model, self.model))
         live = Live(self.base.new_session(), [], time.monotonic())
         log: list[dict[str, Any]] = []
         turns: list[tuple[int, str, str]] = []
+        labels = list(self.base.label_names)
         for rec in self.store.records(session_id):
+            if rec.label not in labels or len(rec.probs) != len(labels):
+                raise OtherModel(f"session {session_id}: utterance {rec.position} was logged with label "
+                                 f"{rec.label!r} over {len(rec.probs)} classes; this model's labels are "
+                                 f"{', '.join(labels)}: the log does not belong to this model")
             tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
             if new:
                 live.speakers.append(rec.speaker)
@@ -216,6 +253,10 @@ class SessionPool:
         store in one transaction before anything is returned.  A failed item gets its exception and changes
         no state; if the write fails, the touched sessions are dropped from memory (they rebuild from the log)."""
         out: list[Any] = [None] * len(items)
+        if self.max_store_bytes is not None and self.store.size_bytes() >= self.max_store_bytes:
+            full = LogFull("store_full", f"the session log is full ({self.max_store_bytes / 2**20:g} MiB); "
+                                         "nothing new is stored until the operator makes room")
+            return [full] * len(items)
         records: list[Record] = []
         touched: list[str] = []
         pending = list(range(len(items)))
@@ -248,6 +289,11 @@ class SessionPool:
                 lives[i] = self.get(items[i].session)
             except AffectkitError as exc:
                 out[i] = exc
+                continue
+            if self.max_utterances is not None and len(lives[i].stream) >= self.max_utterances:
+                del lives[i]
+                out[i] = LogFull("session_full", f"this session holds {self.max_utterances} utterances, the most "
+                                                 "one session may; open a new session")
         texts = [i for i in lives if items[i].text is not None]
         vectors: dict[int, np.ndarray] = {}
         if texts and self.embed is None:
@@ -275,7 +321,8 @@ class SessionPool:
             except (AffectkitError, ValueError) as exc:
                 out[i] = exc
         preds: dict[int, Prediction] = {}
-        if len(ready) > 1:  # one forward for the wave's sessions; on any bad input, one by one (its own error)
+        # one forward for the wave's sessions; on any bad input, one by one (its own error)
+        if len(ready) > 1 and self.engine_batch:
             try:
                 preds = dict(zip(ready, push_batch([lives[i].stream for i in ready],
                                                    [{"speaker": tag, **feats} for feats, tag, _ in ready.values()])))

@@ -32,7 +32,15 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     token_sha256 TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    model TEXT                -- models.hash of the model that answers it (NULL: logged before models were)
+);
+CREATE TABLE IF NOT EXISTS models (  -- every model that answered a session here
+    hash TEXT PRIMARY KEY,    -- SHA-256 over the weights and the fields below (serve.service.model_identity)
+    dims TEXT NOT NULL,       -- JSON {modality: dim}
+    labels TEXT NOT NULL,     -- JSON list, class order
+    text_encoder TEXT,
+    first_seen REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS utterances (
     session TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -89,6 +97,7 @@ class SessionRow:
     id: str
     token_sha256: str
     created: float
+    model: str | None = None
 
 
 def _pack(features: dict[str, np.ndarray]) -> tuple[str, bytes]:
@@ -104,6 +113,21 @@ def _pack(features: dict[str, np.ndarray]) -> tuple[str, bytes]:
 def _unpack(layout: str, blob: bytes) -> dict[str, np.ndarray]:
     flat = np.frombuffer(blob, dtype="<f4")
     return {m: flat[off:off + dim].copy() for m, (dim, off) in json.loads(layout).items()}
+
+
+def _record(row: tuple) -> Record:
+    s, pos, spk, text, layout, blob, label, probs, lat, created = row
+    return Record(s, pos, spk, text, _unpack(layout, blob), label, json.loads(probs), lat, created)
+
+
+def _audio(rows: list[tuple]) -> dict[int, dict[str, object]]:
+    out: dict[int, dict[str, object]] = {}
+    for pos, meta, blob, n_pcm in rows:
+        d = json.loads(meta)
+        d["prosody"] = [float(v) for v in np.frombuffer(blob, dtype="<f4")]
+        d["audio_bytes"] = int(n_pcm or 0)
+        out[int(pos)] = d
+    return out
 
 
 class Store:
@@ -124,6 +148,9 @@ class Store:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(sessions)")}
+            if "model" not in columns:  # a log written before sessions recorded their model
+                self._db.execute("ALTER TABLE sessions ADD COLUMN model TEXT")
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: not a usable SQLite store ({exc})") from None
         self._lock = threading.Lock()
@@ -134,17 +161,91 @@ class Store:
 
     # -- sessions
 
-    def create_session(self, session_id: str, token: str) -> SessionRow:
-        row = SessionRow(session_id, token_digest(token), time.time())
+    def register_model(self, identity: dict[str, object]) -> None:
+        """Record a model (``hash``, ``dims``, ``labels``, ``text_encoder``) unless it is known already."""
         with self._lock:
-            self._db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (row.id, row.token_sha256, row.created))
+            self._db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)",
+                             (identity["hash"], json.dumps(identity["dims"]), json.dumps(identity["labels"]),
+                              identity.get("text_encoder"), time.time()))
+
+    def model(self, model_hash: str | None) -> dict[str, object] | None:
+        """A recorded model's identity, or None."""
+        with self._lock:
+            r = self._db.execute("SELECT hash, dims, labels, text_encoder FROM models WHERE hash = ?",
+                                 (model_hash,)).fetchone()
+        return {"hash": r[0], "dims": json.loads(r[1]), "labels": json.loads(r[2]), "text_encoder": r[3]} if r else None
+
+    def sessions_of_other_models(self, model_hash: str) -> int:
+        """How many sessions were logged through another model (or before models were recorded)."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM sessions WHERE model IS NOT ?",
+                                        (model_hash,)).fetchone()[0])
+
+    def create_session(self, session_id: str, token: str, model: str | None = None,
+                       max_sessions: int | None = None) -> SessionRow | None:
+        """Add a session answered by ``model``; None (nothing written) when ``max_sessions`` exist already."""
+        row = SessionRow(session_id, token_digest(token), time.time(), model)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if max_sessions is not None and \
+                        self._db.execute("SELECT count(*) FROM sessions").fetchone()[0] >= max_sessions:
+                    self._db.execute("ROLLBACK")
+                    return None
+                self._db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                                 (row.id, row.token_sha256, row.created, row.model))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return row
 
     def session(self, session_id: str) -> SessionRow | None:
         with self._lock:
-            r = self._db.execute("SELECT id, token_sha256, created FROM sessions WHERE id = ?",
+            r = self._db.execute("SELECT id, token_sha256, created, model FROM sessions WHERE id = ?",
                                  (session_id,)).fetchone()
         return SessionRow(*r) if r else None
+
+    def transcript(self, session_id: str) -> tuple[SessionRow, list[Record], dict[int, dict[str, object]]] | None:
+        """The session, its utterances and their speech data read in one transaction (a delete in between
+        cannot leave half a transcript), or None if there is no such session."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                r = self._db.execute("SELECT id, token_sha256, created, model FROM sessions WHERE id = ?",
+                                     (session_id,)).fetchone()
+                rows = self._utterance_rows(session_id) if r else []
+                audio = self._audio_rows(session_id) if r else []
+            finally:
+                self._db.execute("COMMIT")
+        if r is None:
+            return None
+        return SessionRow(*r), [_record(row) for row in rows], _audio(audio)
+
+    def expire(self, before: float) -> list[str]:
+        """Delete the sessions created before ``before`` with no utterance since (and their logs); their ids."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [r[0] for r in self._db.execute(
+                    "SELECT id FROM sessions s WHERE created < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM utterances u WHERE u.session = s.id AND u.created >= ?)", (before, before))]
+                for sid in ids:
+                    self._db.execute("DELETE FROM utterances WHERE session = ?", (sid,))
+                    self._db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def size_bytes(self) -> int:
+        """The log's size as SQLite counts it (pages in use times page size)."""
+        with self._lock:
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
 
     def delete_session(self, session_id: str) -> bool:
         """Delete a session and its utterances; False if there was none."""
@@ -184,11 +285,18 @@ class Store:
     def records(self, session_id: str) -> Iterator[Record]:
         """The session's utterances in position order (the replay log)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT session, position, speaker, text, features, blob, label, probs, latency_ms, created "
-                "FROM utterances WHERE session = ? ORDER BY position", (session_id,)).fetchall()
-        for s, pos, spk, text, layout, blob, label, probs, lat, created in rows:
-            yield Record(s, pos, spk, text, _unpack(layout, blob), label, json.loads(probs), lat, created)
+            rows = self._utterance_rows(session_id)
+        for row in rows:
+            yield _record(row)
+
+    def _utterance_rows(self, session_id: str) -> list[tuple]:
+        return self._db.execute(
+            "SELECT session, position, speaker, text, features, blob, label, probs, latency_ms, created "
+            "FROM utterances WHERE session = ? ORDER BY position", (session_id,)).fetchall()
+
+    def _audio_rows(self, session_id: str) -> list[tuple]:
+        return self._db.execute("SELECT position, meta, prosody, length(pcm) FROM audio_utterances "
+                                "WHERE session = ? ORDER BY position", (session_id,)).fetchall()
 
     def append_audio(self, session_id: str, position: int, meta: dict[str, object], prosody: np.ndarray,
                      pcm: bytes | None = None) -> None:
@@ -202,15 +310,8 @@ class Store:
         """position -> {start, end, confidence, words, forced, prosody (list), audio_bytes} of a session's
         spoken utterances."""
         with self._lock:
-            rows = self._db.execute("SELECT position, meta, prosody, length(pcm) FROM audio_utterances "
-                                    "WHERE session = ? ORDER BY position", (session_id,)).fetchall()
-        out: dict[int, dict[str, object]] = {}
-        for pos, meta, blob, n_pcm in rows:
-            d = json.loads(meta)
-            d["prosody"] = [float(v) for v in np.frombuffer(blob, dtype="<f4")]
-            d["audio_bytes"] = int(n_pcm or 0)
-            out[int(pos)] = d
-        return out
+            rows = self._audio_rows(session_id)
+        return _audio(rows)
 
     def count_utterances(self) -> int:
         with self._lock:
