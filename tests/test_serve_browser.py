@@ -65,7 +65,9 @@ def test_live_view_in_chromium(tmp_path):
             assert "last answer" in page.inner_text("#latency")
             page.screenshot(path=str(tmp_path / "live_view.png"), full_page=True)
 
-            page.reload()  # the session id and token ride in the URL fragment: reopening shows the transcript
+            token = page.input_value("#token")
+            assert len(token) > 20 and token not in page.url and "token" not in page.url  # never in a URL
+            page.reload()  # the id rides in the URL fragment, the token in the tab's sessionStorage
             page.wait_for_selector('body[data-state="ready"]')
             assert page.locator("#rows tr").count() == len(CONVERSATION)
             assert page.locator("svg.chart circle.pt").count() == len(CONVERSATION) * 4

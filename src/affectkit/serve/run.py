@@ -77,6 +77,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
         import uvicorn
     except ImportError:
         raise ConfigError("affectkit serve needs the [serve] extra: pip install -e '.[serve]'") from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {port}")
     cfg = settings_for(host, settings)
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
@@ -122,6 +124,10 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])
+    except SystemExit as exc:  # uvicorn's way to report a failed startup (the lifespan's error is logged)
+        if exc.code not in (0, None):
+            raise AffectkitError("the service did not start (the reason is logged above)") from None
+        raise
     finally:
         sock.close()
     if not server.started:

@@ -14,8 +14,11 @@
   function showError(text) { $("error").textContent = text || ""; }
   const colour = (i) => PALETTE[i % PALETTE.length];
 
-  async function api(method, path, token) {
-    const headers = token ? { Authorization: "Bearer " + token } : {};
+  // Tokens never go in a URL (proxy logs, browser history): HTTP sends them as a header, the WebSocket as
+  // the subprotocol "affectkit.bearer.TOKEN" (browsers cannot set its headers); a reload finds the token in
+  // this tab's sessionStorage, the URL fragment holds only the session id.
+  async function api(method, path, token, extra) {
+    const headers = { ...(token ? { Authorization: "Bearer " + token } : {}), ...(extra || {}) };
     const r = await fetch(path, { method, headers });
     if (!r.ok) throw new Error(method + " " + path + ": " + r.status + " " + (await r.text()));
     return r.status === 204 ? null : r.json();
@@ -110,9 +113,10 @@
     });
   }
 
-  const streamUrl = (id, token) => {
+  const openStream = (id, token) => {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${location.host}/v1/sessions/${encodeURIComponent(id)}/stream?token=${encodeURIComponent(token)}`;
+    return new WebSocket(`${scheme}//${location.host}/v1/sessions/${encodeURIComponent(id)}/stream`,
+                         ["affectkit.v1", "affectkit.bearer." + token]);
   };
 
   // Microphones: one WebSocket per participant; the AudioWorklet (mic-worklet.js) makes 16 kHz s16le frames.
@@ -144,7 +148,7 @@
     const node = new AudioWorkletNode(ctx, "affectkit-downsampler");
     ctx.createMediaStreamSource(media).connect(node);
     node.connect(ctx.destination);  // pulls the graph; the processor writes silence
-    const sock = new WebSocket(streamUrl(session.id, session.token));
+    const sock = openStream(session.id, session.token);
     sock.binaryType = "arraybuffer";
     const badge = document.createElement("span");
     badge.className = "mic";
@@ -192,7 +196,7 @@
   function connect(id, token) {
     if (ws) ws.close();
     setState("connecting", "connecting");
-    ws = new WebSocket(streamUrl(id, token));
+    ws = openStream(id, token);
     ws.onmessage = (ev) => {
       const m = JSON.parse(ev.data);
       if (m.type === "ready") {
@@ -230,7 +234,8 @@
       t.utterances.forEach(addRow);
       $("sid").value = id;
       $("token").value = token;
-      history.replaceState(null, "", `#id=${encodeURIComponent(id)}&token=${encodeURIComponent(token)}`);
+      sessionStorage.setItem("affectkit.token." + id, token);
+      history.replaceState(null, "", `#id=${encodeURIComponent(id)}`);
       connect(id, token);
     } catch (e) {
       setState("error", "could not open the session");
@@ -240,7 +245,8 @@
 
   $("new").onclick = async () => {
     try {
-      const s = await api("POST", "/v1/sessions");
+      const key = $("key").value.trim();
+      const s = await api("POST", "/v1/sessions", null, key ? { "X-API-Key": key } : {});
       await open(s.id, s.token);
     } catch (e) { showError(e.message); }
   };
@@ -257,8 +263,9 @@
   };
 
   const params = new URLSearchParams(location.hash.slice(1));
-  if (params.get("id") && params.get("token")) {
-    open(params.get("id"), params.get("token"));
+  const known = params.get("id") && sessionStorage.getItem("affectkit.token." + params.get("id"));
+  if (known) {
+    open(params.get("id"), known);
   } else {
     setState("idle", "start a new session or reopen one");
   }
