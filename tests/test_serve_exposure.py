@@ -256,6 +256,34 @@ def test_a_log_whose_labels_are_not_the_models_is_refused(model):
     assert "before the log recorded its model" in str(out)
 
 
+# ---------------------------------------------------------------------------------------- engine batching
+
+
+def test_engine_batching_equals_pushing_each_session(model, monkeypatch):
+    """One batch of utterances of different sessions: with engine batching the wave is one push_batch call,
+    without it one push per session; the answers are the same (within 1e-5)."""
+    import affectkit.serve.sessions as sessions_mod
+
+    calls: list[int] = []
+    real = sessions_mod.push_batch
+    monkeypatch.setattr(sessions_mod, "push_batch", lambda ss, us: calls.append(len(ss)) or real(ss, us))
+    talk = [(f"s-{k:06d}", name, f"{name} says {k}.{j}") for j in range(3) for k in range(4)
+            for name in (("Ann", "Bob")[j % 2],)]
+    out = {}
+    for engine_batch in (True, False):
+        store = Store(":memory:")
+        pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed, engine_batch=engine_batch)
+        for k in range(4):
+            store.create_session(f"s-{k:06d}", "tok")
+        calls.clear()
+        got = []
+        for j in range(3):  # three live batches of four sessions each
+            got += pool.step([Item(sid, name, text, {}) for sid, name, text in talk[4 * j:4 * j + 4]])
+        out[engine_batch] = [g[0].probs for g in got]
+        assert (max(calls) if calls else 1) == (4 if engine_batch else 1)
+    np.testing.assert_allclose(out[True], out[False], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- abuse limits
 
 
@@ -328,6 +356,27 @@ def test_retention_deletes_unused_sessions_with_their_log(model, tmp_path):
         for sid, tok in ((busy_id, busy_tok), (new_id, new_tok)):  # used within the day, or new: kept
             assert c.get(f"/v1/sessions/{sid}", headers=_auth(tok)).status_code == 200
         assert "affectkit_sessions_expired_total 1.0" in c.get("/metrics").text
+
+
+def test_opening_and_deleting_wait_in_a_bounded_line(model):
+    """A storm of connects to live sessions or of deletes is refused at once beyond the bound (503 / 1013),
+    never queued without end in front of the worker."""
+    with _client(model, max_rebuilds=2) as c:
+        svc = c.app.state.service
+        sid, tok = _open(c)
+        with _ws(c, sid, tok) as ws:
+            ws.receive_json()
+        svc.batcher.side_waiting = 2  # two such requests wait already
+        r = c.delete(f"/v1/sessions/{sid}", headers=_auth(tok))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        with _ws(c, sid, tok) as ws:
+            assert ws.receive_json()["error"] == "overloaded"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1013
+        svc.batcher.side_waiting = 0
+        assert c.delete(f"/v1/sessions/{sid}", headers=_auth(tok)).status_code == 204
+        assert svc.batcher.side_waiting == 0
 
 
 # ---------------------------------------------------------------------------------------- browsers

@@ -228,7 +228,11 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
             s.pool.drop(session_id)
             s.store.delete_session(session_id)
 
-        await s.batcher.run_sync(gone)
+        try:
+            await s.batcher.run_bounded(gone, what="deletes")
+        except Overloaded as exc:
+            s.metrics.errors.labels("overloaded").inc()
+            raise HTTPException(503, f"{exc}; retry in a second", headers={"Retry-After": "1"}) from None
         s.frames.forget(session_id)
         return Response(status_code=204)
 

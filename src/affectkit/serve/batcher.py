@@ -65,6 +65,7 @@ class Batcher(Generic[T]):
         self._job: tuple[Generator[Any, None, Sequence[Any]], list[tuple[Any, asyncio.Future[Any]]]] | None = None
         self._wake: asyncio.Event | None = None
         self.jobs_dropped = 0  # jobs closed because their caller went away
+        self.side_waiting = 0  # run_bounded calls not finished yet
 
     @property
     def depth(self) -> int:
@@ -135,6 +136,21 @@ class Batcher(Generic[T]):
     def run_sync(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn(*args)`` on the worker thread (serialised with the batches), as an awaitable."""
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def run_bounded(self, fn: Callable[..., Any], *args: Any, what: str = "requests") -> asyncio.Future[Any]:
+        """:meth:`run_sync` for work a client can ask for at will (opening a live session, deleting one):
+        at most ``max_jobs`` wait at once, beyond that :class:`Overloaded` at once, so a storm of such
+        requests is refused instead of piling up in front of the worker."""
+        if self.side_waiting >= self.max_jobs:
+            raise Overloaded(f"too many {what} waiting ({self.max_jobs})")
+        self.side_waiting += 1
+        fut = self.run_sync(fn, *args)
+
+        def done(_: Any) -> None:
+            self.side_waiting -= 1
+
+        fut.add_done_callback(done)
+        return fut
 
     async def _work(self) -> None:
         assert self._queue is not None and self._wake is not None

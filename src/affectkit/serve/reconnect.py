@@ -25,7 +25,7 @@ async def open_session(batcher: Batcher[Any], pool: SessionPool, ws: WebSocket,
     :class:`~affectkit.serve.batcher.Overloaded` at once when the rebuild lane is full, and
     :class:`~affectkit.serve.sessions.UnknownSession` for a deleted session."""
     if session_id in pool.live:  # a dict lookup from the event loop; if it was evicted since, position rebuilds
-        return await batcher.run_sync(pool.position, session_id), None
+        return await batcher.run_bounded(pool.position, session_id, what="session openings"), None
     rebuilt = batcher.submit_job(session_id, "session rebuilds")
     receiving = asyncio.ensure_future(ws.receive())
     try:
