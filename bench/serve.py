@@ -3,9 +3,16 @@ sentences at a fixed rate (open loop: sends are scheduled, not paced by answers)
 duration; prints p50/p99 latency, throughput, errors and lost utterances.
 
 Two parts, one run:
-1. the target load (default 32 sessions x 2 utterances/s x 60 s) on the batching server;
-2. the maximum sustained throughput (p99 < 250 ms, no errors, nothing lost) with cross-session batching
-   (``--max-batch 32``) and without (``--max-batch 1``): the per-session rate steps up until a step fails.
+1. the target load (default 32 sessions x 2 utterances/s x 60 s), side by side on the server with engine
+   batching (the sessions of a batch step in one forward) and with encoder-only batching
+   (``--no-engine-batch``: one sentence-encoder call per batch, then one push per session);
+2. the maximum sustained throughput (p99 < 250 ms, no errors, nothing lost) with engine batching, with
+   encoder-only batching, and without batching (``--max-batch 1``): the per-session rate steps up until a
+   step fails.
+
+``--abuse`` runs instead the target load while one client attacks the same server with the operator key
+(a leaked key, or an abusive tenant): it floods session creation, sends invalid frames as fast as the
+server answers, and reconnects over and over; both sides are printed.
 
 The model is the text-only causal preset (``configs/corect_iemocap6_causal.yaml`` with
 ``model.modalities=[text]``, 384-d sentence-encoder features), randomly initialised: speed does not
@@ -13,6 +20,7 @@ depend on the weights.  Each server is a child process (``affectkit serve --port
 
     python bench/serve.py                      # the full run (about 4 minutes)
     python bench/serve.py --duration 5 --step-duration 3 --rates 2 4   # a quick look
+    python bench/serve.py --abuse --duration 30                        # under attack (about 1 minute)
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,13 +63,20 @@ def make_checkpoint(folder: Path) -> Path:
     return path
 
 
+KEY = "bench-operator-key-0123456789"
+SETUP = ["--create-burst", "200", "--api-key", KEY]  # the bench's sessions are made at once, with the key
+HEADERS = {"X-API-Key": KEY}
+
+
 class Server:
-    def __init__(self, checkpoint: Path, store: Path, max_batch: int, threads: int | None) -> None:
+    def __init__(self, checkpoint: Path, store: Path, max_batch: int, threads: int | None,
+                 args: tuple[str, ...] = ()) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         extra = ["--threads", str(threads)] if threads else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
-             str(store), "--max-batch", str(max_batch), *extra], stdout=subprocess.PIPE, text=True, env=env)
+             str(store), "--max-batch", str(max_batch), *SETUP, *extra, *args], stdout=subprocess.PIPE, text=True,
+            env=env)
         ready, _, _ = select.select([self.proc.stdout], [], [], 300)
         m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
         if not m:
@@ -90,7 +106,7 @@ async def session(url: str, rate: float, duration: float, seed: int, out: dict) 
     sent: dict[int, float] = {}
     try:
         async with httpx.AsyncClient(timeout=60) as http:
-            s = (await http.post(url + "/v1/sessions")).json()
+            s = (await http.post(url + "/v1/sessions", headers=HEADERS)).json()
         async with connect(url.replace("http://", "ws://") + s["stream"],
                            additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
             json.loads(await ws.recv())
@@ -155,6 +171,74 @@ def max_sustained(url: str, sessions: int, rates: list[float], step: float, p99_
     return best
 
 
+async def attacker(url: str, duration: float, out: dict) -> None:
+    """One client, for ``duration`` s: floods session creation, sends invalid frames on 4 sessions as fast as
+    they are answered, and reconnects to 4 sessions over and over; counts what it got back."""
+    import httpx
+    from websockets.asyncio.client import connect
+
+    end = time.perf_counter() + duration
+    async with httpx.AsyncClient(timeout=30) as http:
+        own = [(await http.post(url + "/v1/sessions", headers=HEADERS)).json() for _ in range(8)]
+
+        async def flood() -> None:
+            await asyncio.sleep(2.0)  # after the legitimate sessions were made (same address here)
+            while time.perf_counter() < end:
+                r = await http.post(url + "/v1/sessions", headers=HEADERS)
+                out["create"][r.status_code] = out["create"].get(r.status_code, 0) + 1
+
+        async def junk(s: dict) -> None:
+            async with connect(url.replace("http://", "ws://") + s["stream"],
+                               additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
+                await ws.recv()
+                k = 0
+                while time.perf_counter() < end:
+                    frame = ["{not json", json.dumps({"speaker": 7}), json.dumps({"speaker": "x", "features": {
+                        "text": [10**400] * 384}}), b"\x00" * 64][k % 4]
+                    k += 1
+                    await ws.send(frame)
+                    a = json.loads(await ws.recv())
+                    out["frames"][a.get("error", a["type"])] = out["frames"].get(a.get("error", a["type"]), 0) + 1
+
+        async def churn(s: dict) -> None:
+            while time.perf_counter() < end:
+                try:
+                    async with connect(url.replace("http://", "ws://") + s["stream"],
+                                       additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
+                        a = json.loads(await ws.recv())
+                        kind = a.get("error", a["type"])
+                except Exception as exc:  # noqa: BLE001 - a refused upgrade is an outcome, counted
+                    kind = type(exc).__name__
+                out["reconnects"][kind] = out["reconnects"].get(kind, 0) + 1
+
+        await asyncio.gather(flood(), *(junk(s) for s in own[:4]), *(churn(s) for s in own[4:]))
+
+
+def _attack_process(url: str, duration: float, queue: Any) -> None:
+    attack: dict = {"create": {}, "frames": {}, "reconnects": {}}
+    asyncio.run(attacker(url, duration, attack))
+    queue.put(attack)
+
+
+def under_attack(url: str, sessions: int, rate: float, duration: float) -> tuple[dict, dict]:
+    """The target load while the attacker (a process of its own, so its client work does not delay the
+    legitimate clients' event loop) runs from 1 s before to 2 s after it."""
+    import multiprocessing
+
+    queue: Any = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue))
+    proc.start()
+    try:
+        time.sleep(1.0)
+        legit = asyncio.run(load(url, sessions, rate, duration))
+        attack = queue.get(timeout=duration + 60)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    return legit, attack
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a causal text checkpoint (default: the preset, random weights)")
@@ -166,25 +250,48 @@ def main() -> None:
     p.add_argument("--p99-ms", type=float, default=250.0)
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--abuse", action="store_true", help="the target load while one client attacks (see above)")
     args = p.parse_args()
     print(f"load average before: {os.getloadavg()}", flush=True)
     results: dict = {"load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
-        for batch in (32, 1):
-            server = Server(ckpt, Path(tmp) / f"store{batch}.db", batch, args.threads)
-            name = "batched" if batch > 1 else "unbatched"
+        if args.abuse:
+            burst = str(2 * args.sessions + 16)  # the bench's own sessions; the flood meets the limit
+            server = Server(ckpt, Path(tmp) / "abuse.db", 32, args.threads, ("--create-burst", burst))
+            try:
+                asyncio.run(load(server.url, 4, 2, 2))  # warm up
+                calm = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+                show("legitimate, no attack", calm)
+                legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration)
+            finally:
+                server.stop()
+            results["calm"] = calm
+            show("legitimate, under attack", legit)
+            print(f"attacker: session creations {attack['create']}; invalid frames answered {attack['frames']}; "
+                  f"reconnects {attack['reconnects']}", flush=True)
+            results.update(legit=legit, attack=attack, load_after=os.getloadavg())
+            print(f"load average after: {results['load_after']}")
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
+        servers = [("batched", 32, ()), ("encoder-only", 32, ("--no-engine-batch",)), ("unbatched", 1, ())]
+        for name, batch, extra in servers:
+            server = Server(ckpt, Path(tmp) / f"store-{name}.db", batch, args.threads, extra)
             try:
                 asyncio.run(load(server.url, 4, 2, 2))  # warm up
                 if batch > 1:
                     r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
-                    show("target (batched)", r)
-                    results["target"] = r
+                    show(f"target ({name})", r)
+                    results[f"target {name}"] = r
                 results[name] = max_sustained(server.url, args.sessions, args.rates, args.step_duration,
                                               args.p99_ms, name)
             finally:
                 server.stop()
-    b, u = results.get("batched"), results.get("unbatched")
+    b, e, u = results.get("batched"), results.get("encoder-only"), results.get("unbatched")
+    if b and e:
+        print(f"engine batching vs encoder-only at p99 < {args.p99_ms:g} ms: {b['throughput']:.1f}/s vs "
+              f"{e['throughput']:.1f}/s ({b['throughput'] / e['throughput']:.2f}x)")
     if b and u:
         print(f"max sustained throughput at p99 < {args.p99_ms:g} ms: batched {b['throughput']:.1f}/s, "
               f"unbatched {u['throughput']:.1f}/s, ratio {b['throughput'] / u['throughput']:.2f}x")
