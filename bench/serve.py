@@ -98,7 +98,7 @@ def sentence(rng: random.Random) -> str:
     return " ".join(WORDS[start:start + rng.randint(3, 25)])
 
 
-async def session(url: str, rate: float, duration: float, seed: int, out: dict) -> None:
+async def session(url: str, rate: float, duration: float, seed: int, out: dict, created: Any = None) -> None:
     import httpx
     from websockets.asyncio.client import connect
 
@@ -107,6 +107,9 @@ async def session(url: str, rate: float, duration: float, seed: int, out: dict) 
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             s = (await http.post(url + "/v1/sessions", headers=HEADERS)).json()
+        out["created"] += 1
+        if created is not None and out["created"] == out["sessions"]:
+            created.set()  # every legitimate session exists: the attacker's flood may start
         async with connect(url.replace("http://", "ws://") + s["stream"],
                            additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
             json.loads(await ws.recv())
@@ -141,10 +144,10 @@ async def session(url: str, rate: float, duration: float, seed: int, out: dict) 
     out["lost"] += len(sent)
 
 
-async def load(url: str, sessions: int, rate: float, duration: float) -> dict:
-    out = {"latency": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0, "sessions": sessions}
+async def load(url: str, sessions: int, rate: float, duration: float, created: Any = None) -> dict:
+    out = {"latency": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0, "sessions": sessions, "created": 0}
     t0 = time.perf_counter()
-    await asyncio.gather(*(session(url, rate, duration, k, out) for k in range(sessions)))
+    await asyncio.gather(*(session(url, rate, duration, k, out, created) for k in range(sessions)))
     lat = np.array(out["latency"]) * 1000
     return {"sessions": sessions, "rate": rate, "offered": sessions * rate, "sent": out["sent"],
             "answered": len(lat), "throughput": len(lat) / duration, "wall": time.perf_counter() - t0,
@@ -171,7 +174,7 @@ def max_sustained(url: str, sessions: int, rates: list[float], step: float, p99_
     return best
 
 
-async def attacker(url: str, duration: float, out: dict) -> None:
+async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
     """One client, for ``duration`` s: floods session creation, sends invalid frames on 4 sessions as fast as
     they are answered, and reconnects to 4 sessions over and over; counts what it got back."""
     import httpx
@@ -181,8 +184,8 @@ async def attacker(url: str, duration: float, out: dict) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         own = [(await http.post(url + "/v1/sessions", headers=HEADERS)).json() for _ in range(8)]
 
-        async def flood() -> None:
-            await asyncio.sleep(2.0)  # after the legitimate sessions were made (same address here)
+        async def flood() -> None:  # once the legitimate sessions exist (they come from the same address here)
+            await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
             while time.perf_counter() < end:
                 r = await http.post(url + "/v1/sessions", headers=HEADERS)
                 out["create"][r.status_code] = out["create"].get(r.status_code, 0) + 1
@@ -214,9 +217,9 @@ async def attacker(url: str, duration: float, out: dict) -> None:
         await asyncio.gather(flood(), *(junk(s) for s in own[:4]), *(churn(s) for s in own[4:]))
 
 
-def _attack_process(url: str, duration: float, queue: Any) -> None:
+def _attack_process(url: str, duration: float, queue: Any, go: Any) -> None:
     attack: dict = {"create": {}, "frames": {}, "reconnects": {}}
-    asyncio.run(attacker(url, duration, attack))
+    asyncio.run(attacker(url, duration, attack, go))
     queue.put(attack)
 
 
@@ -226,11 +229,12 @@ def under_attack(url: str, sessions: int, rate: float, duration: float) -> tuple
     import multiprocessing
 
     queue: Any = multiprocessing.Queue()
-    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue))
+    go = multiprocessing.Event()
+    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue, go))
     proc.start()
     try:
         time.sleep(1.0)
-        legit = asyncio.run(load(url, sessions, rate, duration))
+        legit = asyncio.run(load(url, sessions, rate, duration, go))
         attack = queue.get(timeout=duration + 60)
     finally:
         proc.join(30)

@@ -109,6 +109,18 @@ def test_every_bad_setting_is_one_line_before_listening(checkpoint, tmp_path, ca
     assert "serving on" not in out
 
 
+def test_tls_files_reach_uvicorn_and_a_bad_pair_is_one_line(checkpoint, tmp_path, capsys):
+    from affectkit.cli import main
+
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    assert main(["serve", str(checkpoint), "--port", "0", "--store", str(tmp_path / "s.db"), "--ssl-certfile",
+                 str(tmp_path / "cert.pem"), "--ssl-keyfile", str(tmp_path / "key.pem")]) == 2
+    out, err = capsys.readouterr()
+    assert "TLS: cannot use --ssl-certfile/--ssl-keyfile" in err and len(err.strip().splitlines()) == 1
+    assert "serving on" not in out
+
+
 def test_a_failed_startup_exits_non_zero_and_never_says_serving(checkpoint, tmp_path, capsys, monkeypatch):
     import affectkit.serve.app as app_mod
     from affectkit.cli import main
