@@ -51,12 +51,21 @@ def write_log(path: Path, sessions: int, logged: int, checkpoint: Path, seed: in
     ids = [(f"storm-session-{k:04d}", f"storm-token-{k:04d}") for k in range(sessions)]
     identity = identity_of(checkpoint)
     store.register_model(identity)
+    from affectkit.stream import Stream
+
+    engine = Stream(checkpoint, embed=lambda s: None).engine
     for sid, tok in ids:
         store.create_session(sid, tok, identity["hash"])
         x = rng.standard_normal((logged, DIM)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        store.append([Record(sid, p, ["ana", "ben"][int(rng.random() < 0.4)], f"logged sentence {p}",
-                             {"text": x[p]}, "neu", [1 / 6] * 6) for p in range(logged)])
+        names = [["ana", "ben"][int(rng.random() < 0.4)] for _ in range(logged)]
+        rebuilt = Stream(engine)  # the log's last answer must be the model's (the service checks it on replay)
+        rebuilt.prefill([{"speaker": engine.speakers[sorted(set(names), key=names.index).index(n)], "text": x[p]}
+                         for p, n in enumerate(names)])
+        last = rebuilt.replayed
+        store.append([Record(sid, p, names[p], f"logged sentence {p}", {"text": x[p]},
+                             last.label if p == logged - 1 else "neu",
+                             list(last.probs) if p == logged - 1 else [1 / 6] * 6) for p in range(logged)])
     store.close()
     return ids
 

@@ -268,6 +268,30 @@ def test_a_log_whose_labels_are_not_the_models_is_refused(model):
     assert "before the log recorded its model" in str(out)
 
 
+def test_a_replay_that_does_not_give_the_logged_answer_is_an_error(model, tmp_path):
+    """The prefill recomputes the log's last answer; a log whose answer differs (other weights under the same
+    identity, or a log edited by hand) is refused on connect, never continued silently."""
+    store = tmp_path / "log.db"
+    with _client(model, store) as c:
+        sid, tok = _open(c)
+        with _ws(c, sid, tok) as ws:
+            ws.receive_json()
+            said = [_say(ws, name, text) for name, text in (("Ann", "hello"), ("Bob", "hi"), ("Ann", "bye"))]
+    with _client(model, store) as c:  # untouched: it goes on
+        with _ws(c, sid, tok) as ws:
+            assert ws.receive_json()["position"] == 3
+    other = next(n for n in INFO["label_names"] if n != said[-1]["label"])
+    db = sqlite3.connect(store)
+    db.execute("UPDATE utterances SET label = ? WHERE session = ? AND position = 2", (other, sid))
+    db.commit()
+    db.close()
+    with _client(model, store) as c:
+        with _ws(c, sid, tok) as ws:
+            a = ws.receive_json()
+            assert (a["type"], a["error"]) == ("error", "other_model") and "replaying its log gives" in a["detail"]
+        assert sid not in c.app.state.service.pool.live
+
+
 # ---------------------------------------------------------------------------------------- engine batching
 
 

@@ -319,6 +319,9 @@ class Stream:
         #: (position, speaker, sentence) of the last turns pushed as text, for a fine-tuned encoder that reads
         #: past turns (bounded: its context plus the rewind slots).
         self._turns: list[tuple[int, str, str]] = []
+        #: after :meth:`prefill`: the prediction for the log's last utterance, computed by the prefill's last
+        #: forward (a service compares it with the logged answer: a log replayed through another model differs).
+        self.replayed: Prediction | None = None
 
     def new_session(self) -> Stream:
         """A new, empty, independent session on the same model."""
@@ -445,7 +448,7 @@ class Stream:
                          torch.ones(1, b - a, dtype=torch.bool, device=eng.device),
                          torch.tensor([b - a], device=eng.device))
             with torch.inference_mode():
-                eng.model(step, state)
+                last = eng.model(step, state)
             if b < n:
                 yield n - b
         with torch.inference_mode():
@@ -458,6 +461,7 @@ class Stream:
         if len(self):
             raise DataError("prefill: the session was pushed while it was being rebuilt")
         self._state, self._names = state, names
+        self.replayed = eng.prediction(last.reshape(-1, last.shape[-1])[-1].cpu(), n - 1)  # checks a log's last answer
 
     def push(self, speaker: Any, text: Any = None, audio: Any = None, visual: Any = None) -> Prediction:
         """Classify the next utterance from its features (one 1-D vector per modality the model reads;

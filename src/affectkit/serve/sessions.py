@@ -90,6 +90,7 @@ class _Rebuild:
     log: list[dict[str, Any]]
     turns: list[tuple[int, str, str]]
     error: Exception | None = None
+    last: Record | None = None  # the log's last utterance, whose logged answer the prefill must give again
 
 
 def other_model_message(session_id: str, logged: str | None, serving: str) -> str:
@@ -99,6 +100,18 @@ def other_model_message(session_id: str, logged: str | None, serving: str) -> st
                 "against this one: its transcript is readable, it cannot be continued")
     return (f"session {session_id} was logged through model {logged[:12]}, this server runs {serving[:12]}: "
             "serve that checkpoint to continue it (its transcript stays readable)")
+
+
+def _check_replay(session_id: str, job: _Rebuild) -> None:
+    """OtherModel unless the prefill gives the log's last utterance the answer that was logged for it (same
+    label, probabilities within 1e-3): a log replayed through other weights is an error, never silence."""
+    got, want = job.live.stream.replayed, job.last
+    if got is None or want is None:
+        return
+    if got.label != want.label or max(abs(a - b) for a, b in zip(got.probs, want.probs)) > 1e-3:
+        raise OtherModel(f"session {session_id}: replaying its log gives utterance {want.position} the label "
+                         f"{got.label!r} (p={max(got.probs):.3f}) where the log says {want.label!r}: the log does "
+                         "not belong to this model")
 
 
 class SessionPool:
@@ -132,6 +145,7 @@ class SessionPool:
         if live is None:
             job = self._begin(session_id)
             job.live.stream.prefill(job.log)
+            _check_replay(session_id, job)
             live = self._install(session_id, job)
         self.live.move_to_end(session_id)
         live.used = time.monotonic()
@@ -167,10 +181,12 @@ class SessionPool:
                     continue
                 try:
                     yield from job.live.stream.prefill_steps(job.log)
+                    _check_replay(sid, job)
                 except AffectkitError as exc:
                     job.error = exc
             for sid, job in jobs.items():
-                if len(job.live.stream) == len(job.log) and sid not in self.live and sid not in self._changed:
+                if job.error is None and len(job.live.stream) == len(job.log) and sid not in self.live \
+                        and sid not in self._changed:
                     self._install(sid, job)
             for i, sid in enumerate(session_ids):
                 if out[i] is not None or not alive(i):
@@ -211,7 +227,7 @@ class SessionPool:
             log.append({"speaker": tag, **rec.features})
             if rec.text is not None:  # what a fine-tuned encoder reads with later turns
                 turns.append((rec.position, rec.speaker, rec.text))
-        return _Rebuild(live, log, turns)
+        return _Rebuild(live, log, turns, last=rec if log else None)
 
     def _install(self, session_id: str, job: _Rebuild) -> Live:
         """A finished rebuild becomes the live session."""
