@@ -447,7 +447,7 @@ def test_the_service_embeds_each_turn_with_its_session_past(carried, tmp_path):
     """The live service on a checkpoint whose encoder reads the speaker and past turns: sessions batched
     together (two turns of one session in the same batch too) answer exactly as one Stream per session
     with push_text, and a session rebuilt from the log after a restart goes on with its turn history."""
-    from affectkit.serve.app import _text_embedder
+    from affectkit.serve.service import _text_embedder
     from affectkit.serve.sessions import Item, SessionPool
     from affectkit.serve.store import Store
     from affectkit.stream import Stream

@@ -51,7 +51,8 @@ def test_example_csv_to_model_to_predictions_to_a_live_session(tmp_path, monkeyp
     with TestClient(create_app(str(checkpoint), ":memory:", ServeSettings())) as c:
         created = c.post("/v1/sessions").json()
         assert created["labels"] == ["angry", "happy", "neutral", "sad"]
-        with c.websocket_connect(f"/v1/sessions/{created['id']}/stream?token={created['token']}") as ws:
+        with c.websocket_connect(f"/v1/sessions/{created['id']}/stream",
+                                 headers={"Authorization": f"Bearer {created['token']}"}) as ws:
             assert ws.receive_json()["type"] == "ready"
             for (speaker, text), want in zip(turns, first):
                 ws.send_text(json.dumps({"speaker": speaker, "text": text}))
