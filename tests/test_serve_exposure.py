@@ -373,6 +373,26 @@ def test_invalid_frames_spend_the_rate_limit(model):
             assert _say(ws, "Ann", "a valid one")["error"] == "rate_limited"
 
 
+def test_a_flood_is_disconnected_and_a_reconnect_loop_refused(model):
+    with _client(model, rate_per_s=0.01, rate_burst=3, connect_per_min=60, connect_burst=3) as c:
+        sid, tok = _open(c)
+        with _ws(c, sid, tok) as ws:
+            ws.receive_json()
+            kinds = []
+            with pytest.raises(WebSocketDisconnect) as closed:
+                for _ in range(10):
+                    ws.send_text("{junk")
+                    kinds.append(ws.receive_json()["error"])
+            assert kinds == ["bad_json"] * 3 + ["rate_limited"] * 3 and closed.value.code == 1008
+        for _ in range(2):  # three connects in a burst (the first was above), then 429
+            with _ws(c, sid, tok) as ws:
+                assert ws.receive_json()["type"] == "ready"
+        with pytest.raises(WebSocketDenialResponse) as denied:
+            with _ws(c, sid, tok):
+                pass
+        assert denied.value.status_code == 429 and int(denied.value.headers["Retry-After"]) >= 1
+
+
 def test_retention_deletes_unused_sessions_with_their_log(model, tmp_path):
     with _client(model, tmp_path / "log.db", retain_days=1) as c:
         svc = c.app.state.service

@@ -266,6 +266,13 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
                 return
         else:
             row = None
+        wait = s.connects.take(session_id)
+        if wait:  # a reconnect loop: refused before any work is done for it
+            s.metrics.errors.labels("rate_limited").inc()
+            await ws.send_denial_response(JSONResponse(
+                {"detail": f"over {s.settings.connect_per_min:g} connects per minute to this session"},
+                status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))}))
+            return
         offered = ws.scope.get("subprotocols") or []
         await ws.accept(subprotocol=PROTOCOL if PROTOCOL in offered else None)
         if row is not None and row.model != s.identity["hash"]:  # refused with a reason the client can read
@@ -377,6 +384,7 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
     if opened is None:  # the client left while its session was being rebuilt
         return
     (position, speakers), receiving = opened
+    refused = 0  # rate_limited answers in a row: a client that ignores them is disconnected
     if not await _send(ws, {"type": "ready", "session": session_id, "position": position, "speakers": speakers,
                             "labels": s.labels, "modalities": s.modalities, "raw_text": s.embed is not None}):
         if receiving is not None:
@@ -407,6 +415,10 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
             return
         if reply.get("error") == "overloaded":
             await _close(ws, 1013, "overloaded: retry later")
+            return
+        refused = refused + 1 if reply.get("error") == "rate_limited" else 0
+        if refused >= s.settings.rate_burst:
+            await _close(ws, 1008, "rate limit ignored")
             return
         if reply.get("error") in ("gone", "other_model"):
             await _close(ws, 1000 if reply["error"] == "gone" else 1008, "session deleted")

@@ -41,7 +41,9 @@ class ServeSettings:
     max_text_chars: int = 2000
     max_speaker_chars: int = 64
     rate_per_s: float = 20.0       # frames per second per session, valid or not (token bucket) ...
-    rate_burst: float = 40.0       # ... with this burst
+    rate_burst: float = 40.0       # ... with this burst; a connection refused this many frames in a row is closed
+    connect_per_min: float = 60.0  # WebSocket connects per minute per session ...
+    connect_burst: float = 10.0    # ... with this burst (a reconnect loop is refused with 429, never served)
     sweep_every_s: float = 10.0    # how often idle sessions are looked for (and retention runs)
     max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
     rebuild_slice_ms: float = 30.0  # rebuild work run between two live batches (a live utterance waits this + a piece)
@@ -61,7 +63,7 @@ class ServeSettings:
                     "max_text_chars": 1, "max_speaker_chars": 1, "max_rebuilds": 1, "max_sessions": 1,
                     "max_utterances": 1}
         positive = ("idle_timeout_s", "rate_per_s", "rate_burst", "sweep_every_s",
-                    "create_per_min", "create_burst", "max_store_mb")
+                    "create_per_min", "create_burst", "max_store_mb", "connect_per_min", "connect_burst")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in at_least or f.name in positive or f.name in NON_NEGATIVE:
@@ -95,7 +97,8 @@ FLAGS = {"max_batch": "--max-batch", "max_wait_ms": "--batch-wait-ms", "max_queu
          "max_message_bytes": "--max-message-bytes", "max_text_chars": "--max-text-chars",
          "rate_per_s": "--rate", "rate_burst": "--rate-burst", "max_rebuilds": "--max-rebuilds",
          "api_key": "--api-key", "create_per_min": "--create-rate", "create_burst": "--create-burst",
-         "max_sessions": "--max-sessions", "max_utterances": "--max-utterances", "max_store_mb": "--max-store-mb",
+         "max_sessions": "--max-sessions", "connect_per_min": "--connect-rate",
+         "connect_burst": "--connect-burst", "max_utterances": "--max-utterances", "max_store_mb": "--max-store-mb",
          "retain_days": "--retain", "allowed_hosts": "--allowed-host", "allowed_origins": "--allowed-origin"}
 
 
@@ -163,6 +166,7 @@ class Service:
                                               job_slice_ms=settings.rebuild_slice_ms)
         self.frames = TokenBucket(settings.rate_per_s, settings.rate_burst)
         self.creations = TokenBucket(settings.create_per_min / 60, settings.create_burst)
+        self.connects = TokenBucket(settings.connect_per_min / 60, settings.connect_burst)
         self.connections: dict[str, set[Any]] = {}
 
     def _on_batch(self, size: int, seconds: float) -> None:
