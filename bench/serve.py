@@ -190,18 +190,27 @@ async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
                 r = await http.post(url + "/v1/sessions", headers=HEADERS)
                 out["create"][r.status_code] = out["create"].get(r.status_code, 0) + 1
 
-        async def junk(s: dict) -> None:
-            async with connect(url.replace("http://", "ws://") + s["stream"],
-                               additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
-                await ws.recv()
-                k = 0
-                while time.perf_counter() < end:
-                    frame = ["{not json", json.dumps({"speaker": 7}), json.dumps({"speaker": "x", "features": {
-                        "text": [10**400] * 384}}), b"\x00" * 64][k % 4]
-                    k += 1
-                    await ws.send(frame)
-                    a = json.loads(await ws.recv())
-                    out["frames"][a.get("error", a["type"])] = out["frames"].get(a.get("error", a["type"]), 0) + 1
+        def count(what: str, kind: str) -> None:
+            out[what][kind] = out[what].get(kind, 0) + 1
+
+        async def junk(s: dict) -> None:  # invalid frames as fast as answered; reconnects when closed
+            k = 0
+            while time.perf_counter() < end:
+                try:
+                    async with connect(url.replace("http://", "ws://") + s["stream"],
+                                       additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
+                        await ws.recv()
+                        while time.perf_counter() < end:
+                            frame = ["{not json", json.dumps({"speaker": 7}), json.dumps({"speaker": "x", "features": {
+                                "text": [10**400] * 384}}), b"\x00" * 64][k % 4]
+                            k += 1
+                            await ws.send(frame)
+                            a = json.loads(await ws.recv())
+                            count("frames", a.get("error", a["type"]))
+                except Exception as exc:  # noqa: BLE001 - closed or refused: counted, then again
+                    count("frames", "closed: " + (str(getattr(exc, "rcvd", None) and exc.rcvd.code)
+                                                  if hasattr(exc, "rcvd") else type(exc).__name__))
+                    await asyncio.sleep(0.05)
 
         async def churn(s: dict) -> None:
             while time.perf_counter() < end:
@@ -211,8 +220,9 @@ async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
                         a = json.loads(await ws.recv())
                         kind = a.get("error", a["type"])
                 except Exception as exc:  # noqa: BLE001 - a refused upgrade is an outcome, counted
-                    kind = type(exc).__name__
-                out["reconnects"][kind] = out["reconnects"].get(kind, 0) + 1
+                    response = getattr(exc, "response", None)
+                    kind = f"HTTP {response.status_code}" if response is not None else type(exc).__name__
+                count("reconnects", kind)
 
         await asyncio.gather(flood(), *(junk(s) for s in own[:4]), *(churn(s) for s in own[4:]))
 

@@ -384,7 +384,7 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
     if opened is None:  # the client left while its session was being rebuilt
         return
     (position, speakers), receiving = opened
-    refused = 0  # rate_limited answers in a row: a client that ignores them is disconnected
+    refused = 0  # strikes for rate_limited answers: a client that ignores them is disconnected
     if not await _send(ws, {"type": "ready", "session": session_id, "position": position, "speakers": speakers,
                             "labels": s.labels, "modalities": s.modalities, "raw_text": s.embed is not None}):
         if receiving is not None:
@@ -416,7 +416,9 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
         if reply.get("error") == "overloaded":
             await _close(ws, 1013, "overloaded: retry later")
             return
-        refused = refused + 1 if reply.get("error") == "rate_limited" else 0
+        # refused frames add a strike, answered ones take one away: a client sending at several times the
+        # limit piles up strikes, one that bursts now and then does not
+        refused = refused + 1 if reply.get("error") == "rate_limited" else max(0, refused - 1)
         if refused >= s.settings.rate_burst:
             await _close(ws, 1008, "rate limit ignored")
             return

@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "AFFECTKIT_API_KEY"
 
 
+class _DenialNoise(logging.Filter):
+    """uvicorn's websockets-sansio logs "returned without completing handshake" after every refused upgrade
+    (401/403/404/429 sent with ``send_denial_response``: the response goes out, then it logs); under a reconnect
+    flood that is one error line per refusal, so it is dropped (refusals are counted in the metrics)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing handshake" not in record.getMessage()
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (ConfigError with the reason if it cannot be bound)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -122,6 +131,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
         sock.close()
         raise ConfigError(f"TLS: cannot use --ssl-certfile/--ssl-keyfile ({exc})") from None
     server = uvicorn.Server(config)
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     try:
         server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn's way to report a failed startup (the lifespan's error is logged)
