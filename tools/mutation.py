@@ -62,7 +62,7 @@ TARGETS: tuple[Target, ...] = (
     Target("safe_pickle", "affectkit.safe_pickle", ("tests/test_safe_loading.py",)),
     Target("graph", "affectkit.graph", ("tests/test_graph.py",)),
     Target("steps", "affectkit.models.steps",
-           ("tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
+           ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
     Target("corect_causal", "affectkit.models.corect",
            ("tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
            ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges",
