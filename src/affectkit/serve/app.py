@@ -67,7 +67,6 @@ class ServeSettings:
     rate_burst: float = 40.0       # ... with this burst
     sweep_every_s: float = 10.0    # how often idle sessions are looked for
     max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
-    rebuild_slice_ms: float = 30.0  # rebuild work run between two live batches (a live utterance waits this + a piece)
 
 
 # ------------------------------------------------------------------------------------ wire formats
@@ -150,8 +149,7 @@ class Service:
         self.metrics = Metrics()
         self.batcher: Batcher[Item] = Batcher(self.pool.step, settings.max_batch, settings.max_wait_ms,
                                               settings.max_queue, on_batch=self._on_batch,
-                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
-                                              job_slice_ms=settings.rebuild_slice_ms)
+                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.connections: dict[str, set[WebSocket]] = {}
 
