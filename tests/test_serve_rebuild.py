@@ -292,7 +292,9 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
         _wait_for(lambda: svc.batcher.jobs_waiting == 0, "the lane to empty")
         assert svc.batcher.jobs_dropped == 1
         assert not any(ids[1][0] in e[1] for e in log) and set(svc.pool.live) == {ids[0][0]}
-        assert 'affectkit_errors_total{kind="overloaded"} 1.0' in c.get("/metrics").text
+        metrics = c.get("/metrics").text
+        assert 'affectkit_errors_total{kind="overloaded"} 1.0' in metrics
+        assert "affectkit_rebuilds_dropped 1.0" in metrics and "affectkit_rebuilds_waiting 0.0" in metrics
 
 
 def test_a_wave_of_sessions_is_stepped_in_one_forward_and_a_bad_item_fails_alone(model, monkeypatch):

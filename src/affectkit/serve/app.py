@@ -126,6 +126,9 @@ class Metrics:
         self.batch_seconds = Histogram("affectkit_batch_seconds", "time to run one batch", registry=r)
         self.queue = Gauge("affectkit_queue_depth", "utterances waiting for the worker", registry=r)
         self.rebuilt = Gauge("affectkit_sessions_rebuilt", "sessions rebuilt from the log", registry=r)
+        self.rebuilds_waiting = Gauge("affectkit_rebuilds_waiting", "reconnects waiting for their session's rebuild",
+                                      registry=r)
+        self.rebuilds_dropped = Gauge("affectkit_rebuilds_dropped", "rebuilds dropped: their client left", registry=r)
 
 
 class Service:
@@ -352,6 +355,8 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         """Prometheus text format."""
         s = svc()
         s.metrics.queue.set(s.batcher.depth)
+        s.metrics.rebuilds_waiting.set(s.batcher.jobs_waiting)
+        s.metrics.rebuilds_dropped.set(s.batcher.jobs_dropped)
         s.metrics.connections.set(sum(len(c) for c in s.connections.values()))
         return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
