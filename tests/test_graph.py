@@ -219,12 +219,14 @@ def test_vectorised_matches_loop_edge_cases(lengths: list[int], m: int, wp: int,
         (torch.tensor([3]), 1, -1, 0, "wp must be >= 0"),
         (torch.tensor([3]), 1, 0, -2, "wf must be >= 0"),
         (torch.tensor([3]), 0, 1, 1, "n_modalities must be >= 1"),
-        (torch.tensor([], dtype=torch.long), 1, 1, 1, "lengths is empty"),
+        (torch.tensor([], dtype=torch.long), 1, 1, 1, "^lengths is empty: a batch needs at least one dialogue$"),
         (torch.tensor([3, 0]), 1, 1, 1, "length must be >= 1"),
         (torch.tensor([3, -2]), 1, 1, 1, "length must be >= 1"),
         (torch.tensor([3.0]), 1, 1, 1, "1-D integer tensor"),
         (torch.tensor([[3]]), 1, 1, 1, "1-D integer tensor"),
-        ([3], 1, 1, 1, "1-D integer tensor"),
+        ([3], 1, 1, 1, "^lengths must be a 1-D integer tensor, got list$"),
+        (torch.tensor([True]), 1, 1, 1, r"got shape \(1,\) dtype torch.bool"),
+        (torch.tensor([2j]), 1, 1, 1, r"got shape \(1,\) dtype torch.complex64"),
         (torch.tensor([3]), 1, 1.5, 1, "wp must be an integer"),
         (torch.tensor([3]), True, 1, 1, "n_modalities must be an integer"),
     ],
@@ -237,3 +239,13 @@ def test_bad_input_raises(builder, lengths, m, wp, wf, match) -> None:
 def test_n_relations_bad_input() -> None:
     with pytest.raises(ValueError, match="n_modalities must be >= 1"):
         n_relations(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_dtype_gives_the_long_graph(dtype) -> None:
+    """Lengths of any integer dtype give the same graph as int64 lengths, as int64 tensors."""
+    lengths = torch.tensor([4, 1, 3])
+    want = build_graph(lengths, 2, 2, 1)
+    got = build_graph(lengths.to(dtype), 2, 2, 1)
+    for a, b in zip(want, got):
+        assert b.dtype == torch.long and torch.equal(a, b)

@@ -251,3 +251,87 @@ def test_is_better_is_strict_and_nan_safe() -> None:
     assert not is_better("MAE", math.nan, math.nan)
     assert is_better("Corr", -0.9, None) and is_better("MAE", 10.0, None)
     assert is_better("Corr", -0.9, math.nan) and is_better("MAE", 10.0, math.nan)
+
+
+# ------------------------------------------------------------------ edges found by mutation testing
+
+
+def test_pearson_flattens_casts_and_needs_two_points(caplog: pytest.LogCaptureFixture) -> None:
+    """r of column vectors equals r of flat ones; booleans are numbers; two distinct points give r = +-1;
+    a constant side gives NaN with one exact log line naming it."""
+    x, y = np.array([0.3, 1.2, -0.7, 2.0]), np.array([1.0, 2.0, 0.0, 1.5])
+    r = pearson(x, y)
+    assert pearson(x.reshape(-1, 1), y.reshape(-1, 1)) == pytest.approx(r, abs=1e-15)
+    assert pearson(x.reshape(2, 2), y.reshape(-1)) == pytest.approx(r, abs=1e-15)
+    assert pearson(np.array([True, False, True]), np.array([1.0, 0.0, 1.0])) == pytest.approx(1.0)
+    assert pearson(np.array([1.0, 0.0, 1.0]), np.array([True, False, True])) == pytest.approx(1.0)
+    assert pearson(np.array([0.0, 1.0]), np.array([5.0, 2.0])) == pytest.approx(-1.0)
+    assert math.isnan(pearson(np.array([1.0]), np.array([2.0])))
+    for pred, truth, side in ((np.ones(3), x[:3], "predictions"), (x[:3], np.ones(3), "labels")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="affectkit"):
+            assert math.isnan(pearson(pred, truth))
+        assert [r.getMessage() for r in caplog.records] == [f"Corr undefined: {side} are constant"]
+
+
+def test_regression_suite_computes_in_float64() -> None:
+    """Half-precision inputs are widened first: MAE equals the float64 mean of the same values."""
+    pred = np.array([0.1, 0.2, 0.7], dtype=np.float16)
+    truth = np.array([0.0, 0.0, 0.0], dtype=np.float16)
+    exact = float(np.mean(np.abs(pred.astype(np.float64) - truth.astype(np.float64))))
+    assert regression_metrics(pred, truth)["MAE"] == pytest.approx(exact, abs=1e-12)
+    assert regression_metrics(truth, pred)["MAE"] == pytest.approx(exact, abs=1e-12)
+
+
+def test_non0_prediction_of_exactly_zero_is_negative() -> None:
+    """Non0 compares ``pred > 0``: a prediction of exactly 0 on a positive label is wrong."""
+    m = regression_metrics(np.array([0.0, 1.0, -1.0]), np.array([1.0, 1.0, -1.0]))
+    assert m["Non0_Acc2"] == pytest.approx(2 / 3)
+    assert m["Has0_Acc2"] == 1.0  # Has0 compares ``>= 0``: the same prediction counts as positive
+
+
+def test_acc7_clips_labels_too() -> None:
+    """Both sides are clipped to [-3, 3] (Acc-7) and [-2, 2] (Acc-5) before rounding."""
+    pred, truth = np.array([-3.0, 3.0]), np.array([-3.6, 3.6])
+    m = regression_metrics(pred, truth)
+    assert m["Acc7"] == 1.0 and m["Acc5"] == 1.0
+    m = regression_metrics(np.array([-2.0, 2.0]), np.array([-2.6, 2.6]))
+    assert m["Acc5"] == 1.0 and m["Acc7"] == 0.0
+
+
+@pytest.mark.parametrize("fn", [regression_metrics, lambda p, t: classification_metrics(p, t, ["a", "b"])])
+def test_bad_shapes_name_both_shapes(fn) -> None:
+    with pytest.raises(ValueError, match=r"need equal, non-empty prediction and label vectors, got \(2,\) and \(1,\)"):
+        fn(np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match=r"got \(0,\) and \(0,\)"):
+        fn(np.array([]), np.array([]))
+
+
+def test_classification_flattens_and_takes_one_sample() -> None:
+    m = classification_metrics(np.array([[0], [1], [1]]), np.array([0, 1, 0]), ["a", "b"])
+    assert m["Acc"] == pytest.approx(2 / 3)
+    assert classification_metrics(np.array([1]), np.array([[1]]), ["a", "b"])["Acc"] == 1.0
+
+
+def test_classification_absent_class_counts_zero_in_macro_without_warnings() -> None:
+    """A class absent from truth and prediction has F1 0 (``zero_division=0``), silently: macro F1 averages
+    over every declared class, weighted F1 gives it weight 0."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 1]), ["x", "y", "z"])
+    assert m["F1_per_class"] == {"x": 1.0, "y": 1.0, "z": 0.0}
+    assert m["F1_macro"] == pytest.approx(2 / 3)
+    assert m["F1_weighted"] == pytest.approx(1.0)
+
+
+def test_format_number_for_tables() -> None:
+    from affectkit.metrics import format_number
+
+    assert format_number(0.12345) == "0.1235" and format_number(2.0) == "2.0000"
+    assert format_number(0.12345, signed=True) == "+0.1235" and format_number(-0.5, signed=True) == "-0.5000"
+    assert format_number(0.0, signed=True) == "+0.0000"
+    for missing in (None, math.nan, math.inf, -math.inf):
+        assert format_number(missing) == "n/a" and format_number(missing, signed=True) == "n/a"
+    assert format_number(7) == "7" and format_number(7, signed=True) == "7" and format_number("abc") == "abc"

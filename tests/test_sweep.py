@@ -4,6 +4,7 @@ sweep resumes from its SQLite storage, and a regenerated data file is refused.""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -113,6 +114,19 @@ def test_test_data_never_guides_the_search_and_the_best_is_tested_once(tmp_path,
     for r in table(tmp_path / "sa"):
         if r["state"] == "PRUNED":
             assert int(r["epochs"]) < 3  # stopped early (its value: the last dev score it reported)
+
+    # every trial's own record proves it never saw test: its provenance says so, the "test" its trainer
+    # evaluated is the dev split (equal metrics), and the objective Optuna was told is its dev score
+    select = load_sweep(sweep).select
+    for r in table(tmp_path / "sa"):
+        folder = tmp_path / "sa" / "trials" / f"{int(r['number']):04d}"
+        if r["state"] != "COMPLETE":
+            continue
+        prov = json.loads((folder / "provenance.json").read_text())
+        assert prov["test_split"] == "hidden (replaced by the dev split)"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["test"] == metrics["valid"], f"trial {r['number']} was tested on the real test split"
+        assert float(r["value"]) == pytest.approx(metrics["valid"][select], abs=1e-12)
 
     # the best trial is a ready preset with the best parameters
     cfg = load_config(tmp_path / "sa" / "best.yaml")

@@ -42,6 +42,12 @@ def cmd_make_synthetic(args: argparse.Namespace) -> None:
             sizes = {"train": 240, "valid": 60, "test": 120}
         write_synthetic_mosi(args.out, seed=args.seed, sizes=sizes,
                              command=shlex.join(command + (["--small"] if args.small else [])))
+    elif args.kind == "spoken":
+        from affectkit.audio.synthetic import write_spoken_corpus
+
+        sizes = {"train": 8, "dev": 2, "test": 2} if args.small else None
+        write_spoken_corpus(args.out, sizes, seed=args.seed,
+                            command=shlex.join(command + (["--small"] if args.small else [])))
     else:
         from affectkit.data.synthetic_conversation import write_synthetic_conversations
 
@@ -152,11 +158,14 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a causal checkpoint over HTTP + WebSocket (affectkit.serve); binds 127.0.0.1 by default."""
+    from affectkit.serve.audio_ws import AudioSettings
     from affectkit.serve.run import serve
 
+    audio = AudioSettings(pause_ms=args.pause_ms, max_utterance_s=args.max_utterance, store_audio=args.store_audio,
+                          asr_threads=args.asr_threads, asr_batch=args.asr_batch)
     serve(args.checkpoint, host=args.host, port=args.port, store=args.store, max_batch=args.max_batch,
           max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
-          threads=args.threads)
+          threads=args.threads, audio=audio)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -182,6 +191,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> None:
+    if args.kind == "audio":
+        cmd_features_audio(args)
+        return
+    if not args.dataset:
+        raise ConfigError("features text needs --dataset (iemocap, iemocap4 or meld)")
     from affectkit.features.text import build_text_features
 
     summary = build_text_features(args.dataset, Path(args.source), Path(args.out), cache_dir=args.cache,
@@ -192,6 +206,47 @@ def cmd_features(args: argparse.Namespace) -> None:
           f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache "
           f"({summary['seconds']:.1f}s)")
     print(summary["notes"])
+
+
+def cmd_features_audio(args: argparse.Namespace) -> None:
+    """eGeMAPS prosody of a labelled corpus of utterance audio -> the conversation layout (audio modality)."""
+    from affectkit.audio.features import build_audio_features
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    s = build_audio_features(args.source, args.out, classes=classes, seed=args.seed, progress=not args.quiet)
+    tag = " (SYNTHETIC)" if s["synthetic"] else ""
+    print(f"wrote {s['out']}{tag}: {s['utterances']} utterances, {s['seconds']:.0f}s of audio; dialogues "
+          + ", ".join(f"{k} {v}" for k, v in s["dialogues"].items()) + f"; classes {', '.join(s['classes'])}")
+
+
+def _tracks(specs: list[str]) -> dict[str, str]:
+    tracks: dict[str, str] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = Path(spec).stem, spec
+        if not name.strip() or not path:
+            raise DataError(f"--audio {spec!r}: expected NAME=FILE.wav")
+        if name in tracks:
+            raise DataError(f"--audio: participant {name!r} given twice")
+        tracks[name.strip()] = path
+    return tracks
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    """Recordings (one WAV per participant) -> the timeline of transcript and emotion per utterance."""
+    from affectkit.audio.recordings import timeline, write_timeline
+    from affectkit.audio.segmenter import SegmenterConfig
+
+    tracks = _tracks(args.audio)
+    out = Path(args.out)
+    if out.suffix not in (".csv", ".jsonl"):
+        raise DataError(f"{out}: the timeline is written as .csv or .jsonl")
+    config = SegmenterConfig(pause_ms=args.pause_ms, max_utterance_s=args.max_utterance)
+    rows, labels = timeline(args.checkpoint, tracks, config, progress=not args.quiet)
+    write_timeline(rows, out, labels)
+    done = sum(r["label"] is not None for r in rows)
+    print(f"wrote {out}: {len(rows)} utterances ({done} classified) from {len(tracks)} track(s)")
 
 
 def cmd_finetune_text(args: argparse.Namespace) -> None:
@@ -215,6 +270,48 @@ def cmd_finetune_text(args: argparse.Namespace) -> None:
         print(f"wrote {len(folds)} cross-fitting fold encoders under {Path(args.out) / 'folds'}")
 
 
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    """``["field=name", ...]`` -> {field: name}; ConfigError for an item without '='."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{what}: expected FIELD=NAME, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """A table of utterances (CSV/TSV/JSONL or a folder) -> a conversation feature file."""
+    from affectkit.features.table import import_table
+
+    classes = [c for c in args.classes.split(",")] if args.classes else None
+    summary = import_table(args.source, args.out, columns=_pairs(args.column, "--column"), classes=classes,
+                           labelled=False if args.unlabelled else None, encoding=args.encoding,
+                           fractions=args.split_fractions, seed=args.seed, audio=not args.no_audio,
+                           cache_dir=args.cache, encoder=args.encoder, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    classes_note = ", ".join(summary["classes"]) if summary["labelled"] else "none (unlabelled: predict only)"
+    print(f"wrote {summary['out']}: dialogues {summary['dialogues']}, utterances {summary['utterances']}; "
+          f"classes: {classes_note}; {summary['speakers']} speakers; modalities {', '.join(summary['modalities'])}; "
+          f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache ({summary['seconds']:.1f}s)")
+    print(summary["notes"])
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Labels and class probabilities for every utterance of a conversation file (labels not needed)."""
+    from affectkit.predict import FORMATS, format_predictions, predict_checkpoint, write_predictions
+
+    if args.out and Path(args.out).suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {args.out}: use a .csv or .jsonl file")
+    names, rows = predict_checkpoint(args.checkpoint, args.data, args.split, device=args.device)
+    if args.out:
+        write_predictions(names, rows, args.out)
+        log.info("wrote %d predictions (%s) to %s", len(rows), ", ".join(names), args.out)
+    else:
+        sys.stdout.write(format_predictions(names, rows, ".csv"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="affectkit", description="Multimodal affect recognition toolkit.")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
@@ -226,10 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("make-synthetic", help="write a synthetic data file in a real on-disk format")
-    s.add_argument("kind", choices=["mosi", "conversation"])
+    s.add_argument("kind", choices=["mosi", "conversation", "spoken"],
+                   help="spoken: a folder of espeak-ng dialogues (WAVs + manifest.csv; needs espeak-ng)")
     s.add_argument("out")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--small", action="store_true", help="mosi: 240/60/120 clips instead of the real 1284/229/686")
+    s.add_argument("--small", action="store_true", help="mosi: 240/60/120 clips instead of the real 1284/229/686; "
+                                                         "spoken: 8/2/2 dialogues instead of 24/6/6")
     s.add_argument("--preset", default="iemocap6", choices=["iemocap6", "iemocap4", "mosei2"],
                    help="conversation: which dataset's layout and classes")
     s.set_defaults(func=cmd_make_synthetic)
@@ -264,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waiting utterances beyond which new ones are refused as 'overloaded'")
     s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
     s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    s.add_argument("--pause-ms", type=int, default=500, help="audio: silence that ends an utterance")
+    s.add_argument("--max-utterance", type=float, default=15.0, help="audio: seconds at which an utterance is cut")
+    s.add_argument("--asr-threads", type=int, default=1, help="audio: CPU threads of one Whisper decode")
+    s.add_argument("--asr-batch", type=int, default=8, help="audio: utterances (of all sessions) decoded together")
+    s.add_argument("--store-audio", action="store_true",
+                   help="audio: keep each utterance's PCM in the log (off: a voice is personal data)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("study", help="run a study (variants x seeds) and summarise it against its baseline")
@@ -293,10 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="ray: trials at a time (default: the cluster's CPUs / CPUs per trial)")
     s.add_argument("--threads", type=int, help="torch threads (local) or CPUs (ray) per trial")
     s.set_defaults(func=cmd_sweep)
-    s = sub.add_parser("features", help="turn real transcripts into the conversation feature layout")
-    s.add_argument("kind", choices=["text"])
-    s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
-    s.add_argument("--source", required=True, help="folder (or .pkl) of the COSMIC transcripts")
+    s = sub.add_parser("features", help="turn transcripts (text) or utterance audio (audio) into the conversation "
+                                        "feature layout")
+    s.add_argument("kind", choices=["text", "audio"])
+    s.add_argument("--dataset", choices=["iemocap", "iemocap4", "meld"], help="text: which transcript set")
+    s.add_argument("--source", required=True, help="text: folder (or .pkl) of the COSMIC transcripts; audio: a "
+                                                   "manifest CSV or a folder holding manifest.csv")
+    s.add_argument("--classes", help="audio: class names in order, comma-separated (default: the corpus's)")
+    s.add_argument("--seed", type=int, default=0, help="audio: seed of the split when the manifest has none")
     s.add_argument("out", help="output pickle (conversation layout, text only)")
     s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
     s.add_argument("--batch-size", type=int, default=64)
@@ -304,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crossfit", action="store_true",
                    help="train-split vectors from the encoder's fold encoders (finetune-text --crossfit K)")
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("transcribe", help="recordings (a WAV per participant) -> transcript + emotion timeline")
+    s.add_argument("checkpoint", help="a causal CORECT checkpoint (text, or 88-d eGeMAPS audio, or both)")
+    s.add_argument("--audio", action="append", required=True, metavar="NAME=FILE.wav",
+                   help="one participant's track (repeat per participant; any PCM WAV, resampled to 16 kHz)")
+    s.add_argument("--out", default="timeline.csv", help="timeline file, .csv or .jsonl (default %(default)s)")
+    s.add_argument("--pause-ms", type=int, default=500, help="silence that ends an utterance (default %(default)s)")
+    s.add_argument("--max-utterance", type=float, default=15.0, help="seconds at which an utterance is cut")
+    s.set_defaults(func=cmd_transcribe)
 
     s = sub.add_parser("finetune-text", help="fine-tune the sentence encoder as an utterance emotion classifier")
     s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
@@ -322,6 +440,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crossfit", type=int, default=0, metavar="K",
                    help="also train K fold encoders, each without one train fold (for features --crossfit)")
     s.set_defaults(func=cmd_finetune_text)
+
+    s = sub.add_parser("import", help="your own conversations: a CSV/TSV/JSONL table (or folder) -> feature file")
+    s.add_argument("source", help="table file (.csv .tsv .jsonl) or a folder of them; one row per utterance")
+    s.add_argument("out", help="output pickle (conversation layout)")
+    s.add_argument("--column", action="append", metavar="FIELD=NAME",
+                   help="map a field (dialogue order speaker text label split audio start end) to your column")
+    s.add_argument("--classes", help="class names in label order, comma-separated (default: the labels found, sorted)")
+    s.add_argument("--unlabelled", action="store_true", help="ignore any label column (for predict only)")
+    s.add_argument("--encoding", default="auto", choices=["auto", "utf-8", "cp1252"],
+                   help="auto: UTF-8, or cp1252 for a file with no UTF-8 text (default %(default)s)")
+    s.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "DEV", "TEST"),
+                   help="seeded split by dialogue when there is no split column (default 0.8 0.1 0.1)")
+    s.add_argument("--seed", type=int, default=0, help="seed of that split (default %(default)s)")
+    s.add_argument("--no-audio", action="store_true", help="ignore an audio column")
+    s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
+    s.add_argument("--encoder", metavar="DIR", help="a finetune-text output folder instead of the shipped encoder")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("predict", help="labels and class probabilities for every utterance (labels not needed)")
+    s.add_argument("checkpoint", help="a conversation checkpoint (best.pt); causal ones predict as the live service")
+    s.add_argument("data", help="a conversation file, e.g. from affectkit import (labelled or not)")
+    s.add_argument("--out", help="predictions.csv or predictions.jsonl (default: CSV on stdout)")
+    s.add_argument("--split", action="append", help="split(s) to predict (default: all)")
+    s.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps")
+    s.set_defaults(func=cmd_predict)
     return p
 
 

@@ -6,6 +6,7 @@ globals that numpy arrays need and refuses every other class with a message nami
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from pathlib import Path
@@ -38,6 +39,10 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 0-2 pickles name builtins by their Python 2 names (``__builtin__.set``): map them first, as
+        # pickle itself does, so the check sees the name that would be resolved (Python 3 has no such modules)
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load class {module}.{name}")
@@ -59,4 +64,5 @@ def safe_load(path: str | Path, *, encoding: str = "ASCII") -> Any:
         raise DataError(f"{path}: {exc} (only numpy arrays and plain containers are allowed)") from None
     except Exception as exc:  # a corrupt file raises many types (EOFError, OverflowError, MemoryError, ...)
         first = (str(exc).splitlines() or [""])[0]
-        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {first})") from None
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__  # MemoryError() has no text
+        raise DataError(f"{path}: not a readable pickle ({detail})") from None

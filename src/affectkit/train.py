@@ -31,9 +31,9 @@ from affectkit.checkpoint import save_checkpoint
 from affectkit.config import RunConfig, dump_yaml
 from affectkit.device import autocast, grad_scaler, resolve_device
 from affectkit.errors import ConfigError
-from affectkit.metrics import is_better
 from affectkit.models import build_model, get_model_entry
 from affectkit.models.registry import model_config
+from affectkit.selection import EpochSelection
 from affectkit.tasks import Task, get_task
 
 log = logging.getLogger("affectkit")
@@ -224,8 +224,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     log.info("%s | model %s, %d parameters on %s | run folder %s", task.describe(data), cfg.model_name, n_params,
              device, run_dir)
 
-    best_score: float | None = None
-    best_epoch, best_state, stale = 0, None, 0
+    selection = EpochSelection(select, tc.patience)
+    best_state: dict[str, torch.Tensor] | None = None
     history: list[dict[str, Any]] = []
     prof = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "evaluate": 0.0}
     start = time.perf_counter()
@@ -273,12 +273,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
         if step_on == "epoch":
             scheduler.step(val.loss)
         score = float(val.metrics[select])
-        improved = is_better(select, score, best_score)
-        if improved or best_state is None:
-            best_score = score if improved else best_score
-            best_epoch = epoch
+        if selection.offer(epoch, score):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stale = 0 if best_epoch == epoch else stale + 1
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "valid_loss": val.loss,
                "lr": optimizer.param_groups[0]["lr"],
                **{f"valid_{k}": v for k, v in val.metrics.items() if isinstance(v, float)}}
@@ -291,16 +287,18 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
                 if isinstance(v, float) and math.isfinite(v):
                     writer.add_scalar(f"valid/{k}", v, epoch)
         log.info("epoch %d/%d train loss %.4f valid loss %.4f valid %s %.4f%s", epoch, tc.epochs,
-                 row["train_loss"], val.loss, select, score, " *" if best_epoch == epoch else "")
+                 row["train_loss"], val.loss, select, score, " *" if selection.best_epoch == epoch else "")
         if on_epoch is not None:
             on_epoch(epoch, score)
-        if tc.patience and stale >= tc.patience:
-            log.info("early stop after epoch %d: no better valid %s for %d epochs", epoch, select, stale)
+        if selection.stop:
+            log.info("early stop after epoch %d: no better valid %s for %d epochs", epoch, select, selection.stale)
             break
     train_seconds = time.perf_counter() - start
     epochs_run = len(history)
 
+    assert best_state is not None  # the first epoch is always kept
     model.load_state_dict(best_state)
+    best_epoch = selection.best_epoch
     val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info, tc.amp)
     test = evaluate(model, task, data, task.splits[2], tc.eval_batch_size, loss_fn, info, tc.amp)
     if writer is not None:

@@ -193,26 +193,48 @@ class _RawDialogue:
     raw: dict[str, Any]
 
 
+def _our_layout(raw: Any, name: str) -> Any:
+    """The field's standard files (DialogueGCN/MMGCN tuples, MMSA dicts) converted to our layout; ours as is."""
+    from affectkit.data.mmsa import is_mmsa, mmsa_conversations
+    from affectkit.data.upstream import from_upstream, is_upstream
+
+    if is_upstream(raw):
+        return from_upstream(raw, name)
+    if is_mmsa(raw):
+        return mmsa_conversations(raw, name)
+    return raw
+
+
 def load_conversations(path: str | Path, modalities: Sequence[str] | None = None,
                        classes: Sequence[str] | None = None,
-                       speakers: Sequence[str | int] | None = None) -> ConversationData:
+                       speakers: Sequence[str | int] | None = None, labelled: bool = True) -> ConversationData:
     """Load and validate a COGMEN/CORECT-layout conversation pickle; keep only ``modalities``.
+
+    The field's standard files are read too: DialogueRNN/DialogueGCN/MMGCN ``IEMOCAP_features.pkl`` and
+    ``MELD_features_raw1.pkl`` (:mod:`affectkit.data.upstream`) and MMSA's MOSI/MOSEI/SIMS pickles
+    (:mod:`affectkit.data.mmsa`).
 
     ``modalities=None`` keeps every modality the file holds.  A requested modality the file lacks, and
     any malformed dialogue, raise a one-line DataError naming the file, split and dialogue vid.
     ``classes`` (a preset's or a checkpoint's class list) fixes the label set: a file whose ``label_names``
     differ, or a label outside it, is refused.  ``speakers`` (a checkpoint's speaker tags) fixes the speaker
-    slots: a tag outside it is refused, naming the known ones.
+    slots: a tag outside it is refused, naming the known ones.  ``labelled=False`` (prediction) reads a file
+    without labels (an ``affectkit import`` of an unlabelled table): labels are ignored (every one
+    ``IGNORE_INDEX``) and splits may be empty.
     """
     path = Path(path)
     name = str(path)
     raw = safe_load(path, encoding="latin1")
+    raw = _our_layout(raw, name)
     if not isinstance(raw, dict):
         raise DataError(f"{name}: expected a dict with splits {', '.join(SPLITS)}, got {type(raw).__name__}")
     for split in SPLITS:
         if split not in raw:
             found = ", ".join(map(str, raw)) or "none"
             raise DataError(f"{name}: split {split!r} missing (found keys: {found})")
+    if labelled and isinstance(raw.get("meta"), dict) and raw["meta"].get("labelled") is False:
+        raise DataError(f"{name}: imported without labels; it can only be predicted on "
+                        "(affectkit predict CHECKPOINT DATA), not trained or evaluated")
 
     label_names: list[str] | None = None
     if "label_names" in raw:
@@ -234,7 +256,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
         part = raw[split]
         if not isinstance(part, (list, tuple)):
             raise DataError(f"{name}[{split}]: expected a list of dialogue dicts, got {type(part).__name__}")
-        if not part:
+        if not part and labelled:
             raise DataError(f"{name}[{split}]: empty split (0 dialogues)")
         dialogues[split] = []
         for i, item in enumerate(part):
@@ -242,7 +264,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
                 raise DataError(f"{name}[{split}] dialogue #{i}: expected a dict, got {type(item).__name__}")
             vid = str(item.get("vid", f"#{i}"))
             where = f"{name}[{split}] dialogue {vid!r}"
-            for key in ("labels", "speakers"):
+            for key in ("labels", "speakers") if labelled else ("speakers",):
                 if key not in item:
                     raise DataError(f"{where}: key {key!r} missing (found: {', '.join(map(str, item))})")
             present = tuple(m for m in MODALITIES if m in item)
@@ -255,8 +277,8 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
                 extra = [m for m in present if m not in file_modalities]
                 detail = f"lacks {', '.join(missing)}" if missing else f"has extra {', '.join(extra)}"
                 raise DataError(f"{where}: {detail}; other dialogues hold {', '.join(file_modalities)}")
-            labels = _as_labels(item["labels"], where)
             tags = _tag_list(item["speakers"], "speakers", where)
+            labels = _as_labels(item["labels"], where) if labelled else np.full(len(tags), IGNORE_INDEX, np.int64)
             lengths = {"labels": len(labels), "speakers": len(tags)}
             for m in present:
                 shape = _feature_shape(item[m], f"{where}[{m}]")
@@ -277,7 +299,8 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
             if lengths["labels"] == 0:
                 raise DataError(f"{where}: empty dialogue (0 utterances)")
             dialogues[split].append(_RawDialogue(where, vid, tags, labels, present, item))
-    assert file_modalities is not None  # every split is non-empty
+    if file_modalities is None:
+        raise DataError(f"{name}: no dialogue in any split")
 
     if modalities is None:
         kept = file_modalities
@@ -294,8 +317,10 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
         kept = tuple(m for m in MODALITIES if m in wanted)
 
     # File-wide label and speaker sets.
-    max_label = max(int(d.labels.max()) for ds in dialogues.values() for d in ds)
-    if classes is not None:
+    if not labelled:
+        label_names = [str(c) for c in classes] if classes is not None else (label_names or [])
+        n_classes = len(label_names)
+    elif classes is not None:
         classes = [str(c) for c in classes]
         if label_names is not None and label_names != classes:
             raise DataError(f"{name}: the file's label_names {label_names} differ from the expected classes "
@@ -303,7 +328,7 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
         label_names, source = classes, "the expected classes"
     else:
         source = "the file's label_names"
-    if label_names is not None:
+    if labelled and label_names is not None:
         n_classes = len(label_names)
         for ds in dialogues.values():
             for d in ds:
@@ -313,13 +338,14 @@ def load_conversations(path: str | Path, modalities: Sequence[str] | None = None
                         f"{d.where}: label {int(d.labels[i])} at utterance {i} outside [0, {n_classes}) "
                         f"({source}: {', '.join(label_names)})"
                     )
-    else:
-        n_classes = max_label + 1
+    elif labelled:
+        n_classes = max(int(d.labels.max()) for ds in dialogues.values() for d in ds) + 1
         label_names = [str(k) for k in range(n_classes)]
-    train_counts = np.bincount(np.concatenate([d.labels for d in dialogues["train"]]), minlength=n_classes)
-    missing = [label_names[c] for c in np.flatnonzero(train_counts == 0)]
-    if missing:
-        log.warning("%s: no training example of class %s", name, ", ".join(missing))
+    if labelled:
+        train_counts = np.bincount(np.concatenate([d.labels for d in dialogues["train"]]), minlength=n_classes)
+        missing = [label_names[c] for c in np.flatnonzero(train_counts == 0)]
+        if missing:
+            log.warning("%s: no training example of class %s", name, ", ".join(missing))
     if speakers is not None:  # a checkpoint's speaker slots
         declared, origin = [_as_tag(t, f"{name}: speakers") for t in speakers], "the model knows"
     else:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from affectkit.data.mmsa import is_mmsa, mmsa_to_mosi
 from affectkit.data.provenance import marker_of
 from affectkit.errors import DataError
 from affectkit.safe_pickle import safe_load
@@ -81,12 +82,16 @@ def _as_float_array(value: object, where: str) -> np.ndarray:
 def load_mosi(path: str | Path, modalities: Sequence[str] | None = None) -> MosiData:
     """Load and validate a MOSI pickle; only the requested modalities are read into tensors.
 
+    MMSA's aligned/unaligned pickles (MOSI, MOSEI, SIMS) are read too (:mod:`affectkit.data.mmsa`).
+
     Non-finite feature values (the real audio holds +-inf) are replaced by 0 and counted in a log line.
     Every malformed input raises a one-line DataError naming the file, split and key.
     """
     path = Path(path)
     raw = safe_load(path, encoding="latin1")
     name = str(path)
+    if is_mmsa(raw):  # MMSA's aligned/unaligned MOSI, MOSEI or SIMS pickle
+        raw = mmsa_to_mosi(raw, name)
     if not isinstance(raw, dict):
         raise DataError(f"{name}: expected a dict of splits {list(SPLITS)}, got {type(raw).__name__}")
     wanted = tuple(MODALITIES) if modalities is None else tuple(modalities)

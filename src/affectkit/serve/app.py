@@ -11,7 +11,9 @@ the server first sends ``{"type": "ready", "position", "speakers", "labels"}``; 
 gets exactly one frame back, in order: ``{"type": "prediction", "position", "speaker", "label", "index",
 "probs", "latency_ms"}`` or ``{"type": "error", "error": KIND, "detail"}`` (the session stays open and
 unchanged), echoing the client's ``"id"`` if it sent one.  Overload closes with 1013 after an error
-frame; an idle connection closes with 1001.
+frame; an idle connection closes with 1001.  A ``{"type": "audio", "speaker", "format"}`` frame turns the
+connection into one participant's microphone: binary PCM frames, per-utterance events
+(:mod:`affectkit.serve.audio_ws`), typed utterances still answered.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from affectkit.errors import AffectkitError, ConfigError, DataError
+from affectkit.serve.audio_ws import AudioSettings, audio_config, serve_audio
 from affectkit.serve.batcher import Batcher, Overloaded
 from affectkit.serve.reconnect import open_session
 from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers, UnknownSession
@@ -255,15 +258,18 @@ def _no_constants(name: str) -> float:
 
 
 def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSettings | None = None,
-               embed: Any = None) -> FastAPI:
+               embed: Any = None, audio: AudioSettings | None = None) -> FastAPI:
     """The application over a causal checkpoint (path, or ``(model, info)``), logging to ``store``.
-    ``embed`` replaces the sentence encoder (tests); the model loads when the app starts."""
+    ``embed`` replaces the sentence encoder (tests); ``audio``: the speech protocol's limits
+    (:mod:`affectkit.serve.audio_ws`); the model loads when the app starts, the audio models on the first
+    audio connection."""
     settings = settings or ServeSettings()
     holder: dict[str, Service] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = Service(source, store, settings, embed)
+        svc.audio_settings = audio or AudioSettings()  # type: ignore[attr-defined]
         if svc.embed is not None:
             await asyncio.get_running_loop().run_in_executor(None, svc.embed, ["warm up"])
         svc.batcher.start()
@@ -277,6 +283,8 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
             for conns in list(svc.connections.values()):
                 for ws in list(conns):
                     await _close(ws, 1001, "server shutting down")
+            if getattr(svc, "audio", None) is not None:
+                await svc.audio.stop()
             await svc.batcher.stop()
             svc.store.close()
 
@@ -316,8 +324,13 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         row = s.store.session(session_id)
         assert row is not None
         utts = [r.public() for r in s.store.records(session_id)]
+        spoken = s.store.audio(session_id)
         for u in utts:
             u["probs"] = dict(zip(s.labels, u["probs"]))  # type: ignore[call-overload]
+            if u["position"] in spoken:  # a spoken utterance: its transcript, times, confidence, prosody
+                u["audio"] = spoken[u["position"]]  # type: ignore[index]
+                if u["text"] is None:
+                    u["text"] = u["audio"].get("text")  # type: ignore[attr-defined]
         speakers: list[str] = []
         for u in utts:
             if u["speaker"] not in speakers:
@@ -438,6 +451,10 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
         if msg["type"] == "websocket.disconnect":
             return
         received = time.perf_counter()
+        control = audio_config(msg.get("text"))
+        if control is not None:  # a participant's microphone: the audio protocol runs this connection from here
+            await serve_audio(s, ws, session_id, control, _answer, _send)
+            return
         reply = await _answer(s, session_id, msg, received)
         if reply.get("type") == "error":
             s.metrics.errors.labels(reply["error"]).inc()
@@ -465,7 +482,8 @@ def _parse(s: Service, msg: dict[str, Any]) -> Utterance | dict[str, Any]:
     """The frame as an :class:`Utterance`, or an error frame."""
     lim = s.settings
     if msg.get("text") is None:
-        return _error("binary_frame", "binary frames are not accepted; send JSON text frames")
+        return _error("binary_frame", "binary frames carry audio only after an audio config frame "
+                                      '({"type": "audio", "speaker": ...}); send JSON text frames')
     raw: str = msg["text"]
     if len(raw) > lim.max_message_bytes or len(raw.encode("utf-8", "surrogatepass")) > lim.max_message_bytes:
         return _error("too_large", f"message over {lim.max_message_bytes} bytes")

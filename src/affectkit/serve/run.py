@@ -6,6 +6,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from affectkit.errors import ConfigError
 from affectkit.serve.app import ServeSettings, create_app
@@ -29,9 +30,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          store: str | Path = "affectkit-sessions.db", threads: int | None = None, **settings: float) -> None:
+          store: str | Path = "affectkit-sessions.db", threads: int | None = None, audio: Any = None,
+          **settings: float) -> None:
     """Load ``checkpoint``, open ``store`` and serve until interrupted; prints ``serving on URL``.
-    ``threads``: torch intra-op threads (None: torch's default)."""
+    ``threads``: torch intra-op threads (None: torch's default); ``audio``: the speech protocol's
+    :class:`~affectkit.serve.audio_ws.AudioSettings` (None: its defaults)."""
     try:
         import uvicorn
     except ImportError:
@@ -52,7 +55,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     model, _run_cfg, info = load_model(checkpoint)
     Stream((model, info))  # refuses a non-causal checkpoint here, with one line, before the server starts
     Store(store).close()  # and an unusable store
-    app = create_app((model, info), store, cfg)
+    app = create_app((model, info), store, cfg, audio=audio)
     sock = bind(host, port)
     real = sock.getsockname()[1]
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -47,6 +47,14 @@ CREATE TABLE IF NOT EXISTS utterances (
     created REAL NOT NULL,
     PRIMARY KEY (session, position)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audio_utterances (  -- what speech adds to an utterance (affectkit.serve.audio_ws)
+    session TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    meta TEXT NOT NULL,       -- JSON: start, end (s in the track), confidence, words, forced
+    prosody BLOB NOT NULL,    -- the 88 eGeMAPS numbers, float32
+    pcm BLOB,                 -- the utterance's s16le audio, only when the service was asked to keep it
+    PRIMARY KEY (session, position)
+) WITHOUT ROWID;
 """
 
 
@@ -182,9 +190,40 @@ class Store:
         for s, pos, spk, text, layout, blob, label, probs, lat, created in rows:
             yield Record(s, pos, spk, text, _unpack(layout, blob), label, json.loads(probs), lat, created)
 
+    def append_audio(self, session_id: str, position: int, meta: dict[str, object], prosody: np.ndarray,
+                     pcm: bytes | None = None) -> None:
+        """Keep what speech adds to the utterance at ``position`` (written after the utterance itself)."""
+        blob = np.ascontiguousarray(prosody, dtype="<f4").tobytes()
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO audio_utterances VALUES (?, ?, ?, ?, ?)",
+                             (session_id, int(position), json.dumps(meta), blob, pcm))
+
+    def audio(self, session_id: str) -> dict[int, dict[str, object]]:
+        """position -> {start, end, confidence, words, forced, prosody (list), audio_bytes} of a session's
+        spoken utterances."""
+        with self._lock:
+            rows = self._db.execute("SELECT position, meta, prosody, length(pcm) FROM audio_utterances "
+                                    "WHERE session = ? ORDER BY position", (session_id,)).fetchall()
+        out: dict[int, dict[str, object]] = {}
+        for pos, meta, blob, n_pcm in rows:
+            d = json.loads(meta)
+            d["prosody"] = [float(v) for v in np.frombuffer(blob, dtype="<f4")]
+            d["audio_bytes"] = int(n_pcm or 0)
+            out[int(pos)] = d
+        return out
+
     def count_utterances(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM utterances").fetchone()[0])
+
+    def durability(self) -> dict[str, str]:
+        """The write connection's ``journal_mode`` and ``synchronous`` as SQLite reports them (``synchronous``
+        by name: OFF, NORMAL, FULL, EXTRA), so tests and operators can check the promised setting."""
+        names = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+        with self._lock:
+            journal = str(self._db.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+            sync = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return {"journal_mode": journal, "synchronous": names.get(sync, str(sync))}
 
     def integrity(self) -> str:
         """``PRAGMA integrity_check``: "ok" for a sound file."""

@@ -75,9 +75,12 @@ class ConversationTask(Task):
         return data
 
     def info(self, data: ConversationData) -> dict[str, Any]:
-        return {"dims": {m: int(data.dims[m]) for m in data.kept}, "n_classes": int(data.n_classes),
+        info = {"dims": {m: int(data.dims[m]) for m in data.kept}, "n_classes": int(data.n_classes),
                 "label_names": list(data.label_names), "n_speakers": int(data.n_speakers),
                 "speakers": list(data.speakers), "encoder": encoder_reference(data.meta)}
+        if "audio" in data.kept and isinstance(data.meta.get("audio_features"), dict):
+            info["audio_features"] = dict(data.meta["audio_features"])  # how live audio becomes these features
+        return info
 
     def loader(self, data: ConversationData, split: str, batch_size: int, shuffle: bool) -> Any:
         key = (split, batch_size)

@@ -36,6 +36,7 @@
     const tr = document.createElement("tr");
     tr.dataset.position = u.position;
     tr.dataset.label = u.label;
+    if (u.source === "audio" || u.audio) tr.dataset.source = "audio";
     const probs = Array.isArray(u.probs) ? u.probs : labels.map((n) => u.probs[n]);
     const idx = labels.indexOf(u.label);
     const cells = [String(u.position), u.speaker, u.text || "(features)", null,
@@ -109,15 +110,94 @@
     });
   }
 
+  const streamUrl = (id, token) => {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    return `${scheme}//${location.host}/v1/sessions/${encodeURIComponent(id)}/stream?token=${encodeURIComponent(token)}`;
+  };
+
+  // Microphones: one WebSocket per participant; the AudioWorklet (mic-worklet.js) makes 16 kHz s16le frames.
+  const mics = new Map();  // speaker -> {sock, ctx, media, badge}
+
+  function micState(speaker, text, state) {
+    const m = mics.get(speaker);
+    if (!m) return;
+    m.badge.textContent = "\u266A " + speaker + ": " + text;
+    m.badge.dataset.state = state;
+  }
+
+  function stopMic(speaker) {
+    const m = mics.get(speaker);
+    if (!m) return;
+    mics.delete(speaker);
+    m.media.getTracks().forEach((t) => t.stop());
+    m.ctx.close();
+    if (m.sock.readyState === WebSocket.OPEN) m.sock.send(JSON.stringify({ type: "audio_end" }));
+    setTimeout(() => m.sock.close(), 3000);  // the last utterance's answer may still come
+    m.badge.remove();
+  }
+
+  async function startMic(speaker) {
+    const media = await navigator.mediaDevices.getUserMedia(
+      { audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true } });
+    const ctx = new AudioContext();
+    await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+    const node = new AudioWorkletNode(ctx, "affectkit-downsampler");
+    ctx.createMediaStreamSource(media).connect(node);
+    node.connect(ctx.destination);  // pulls the graph; the processor writes silence
+    const sock = new WebSocket(streamUrl(session.id, session.token));
+    sock.binaryType = "arraybuffer";
+    const badge = document.createElement("span");
+    badge.className = "mic";
+    badge.dataset.speaker = speaker;
+    $("mics").appendChild(badge);
+    mics.set(speaker, { sock, ctx, media, badge });
+    micState(speaker, "connecting", "connecting");
+    sock.onmessage = (ev) => {
+      const m = JSON.parse(ev.data);
+      if (m.type === "ready") {
+        sock.send(JSON.stringify({ type: "audio", speaker,
+                                   format: { encoding: "s16le", sample_rate: 16000, channels: 1 } }));
+      } else if (m.type === "audio_ready") {
+        node.port.onmessage = (e) => { if (sock.readyState === WebSocket.OPEN) sock.send(e.data); };
+        micState(speaker, "listening", "listening");
+      } else if (m.type === "speech_start") {
+        micState(speaker, "speaking", "speaking");
+      } else if (m.type === "speech_end") {
+        micState(speaker, "transcribing", "transcribing");
+      } else if (m.type === "transcript") {
+        micState(speaker, "\u201C" + m.text + "\u201D", "listening");
+      } else if (m.type === "prediction") {
+        addRow({ ...m, source: "audio" });
+        count = m.position + 1;
+        $("status").textContent = `session ${session.id}: ${count} utterances, ${labels.length} emotions`;
+      } else if (m.type === "error") {
+        showError(speaker + ": " + m.error + ": " + m.detail);
+      }
+    };
+    sock.onclose = () => { if (mics.get(speaker)?.sock === sock) stopMic(speaker); };
+  }
+
+  $("mic").onclick = async () => {
+    const speaker = $("speaker").value.trim();
+    if (!speaker) { showError("name the speaker whose microphone this is"); return; }
+    if (mics.has(speaker)) { stopMic(speaker); return; }
+    try {
+      await startMic(speaker);
+    } catch (e) {
+      stopMic(speaker);
+      showError("microphone: " + e.message);
+    }
+  };
+
   function connect(id, token) {
     if (ws) ws.close();
     setState("connecting", "connecting");
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    ws = new WebSocket(`${scheme}//${location.host}/v1/sessions/${encodeURIComponent(id)}/stream?token=${encodeURIComponent(token)}`);
+    ws = new WebSocket(streamUrl(id, token));
     ws.onmessage = (ev) => {
       const m = JSON.parse(ev.data);
       if (m.type === "ready") {
         $("send").disabled = false;
+        $("mic").disabled = !window.AudioWorkletNode || !navigator.mediaDevices;
         count = m.position;
         setState("ready", `session ${id}: ${count} utterances, ${m.labels.length} emotions`);
       } else if (m.type === "prediction") {
@@ -132,6 +212,7 @@
     };
     ws.onclose = (ev) => {
       $("send").disabled = true;
+      $("mic").disabled = true;
       setState("closed", "disconnected" + (ev.reason ? ": " + ev.reason : ""));
     };
   }
@@ -139,6 +220,7 @@
     showError("");
     try {
       const t = await api("GET", `/v1/sessions/${encodeURIComponent(id)}`, token);
+      [...mics.keys()].forEach(stopMic);
       session = { id, token };
       labels = t.labels;
       $("rows").replaceChildren();

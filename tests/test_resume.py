@@ -1,0 +1,103 @@
+"""Resume by hash (``studies.run.is_done``) on hand-made run folders: a run counts as done only with readable
+metrics, the same data (sha256) and the same effective config; what changed is logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from affectkit.config import dump_yaml, load_config
+from affectkit.studies.run import is_done
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "ab" * 32
+OTHER = "cd" * 32
+
+
+def _cfg(*overrides: str):
+    return load_config(ROOT / "configs" / "mosi_lab.yaml", list(overrides))
+
+
+def _folder(tmp_path: Path, cfg, sha: str | None = SHA, metrics: str = '{"test": {}}') -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(dump_yaml(cfg))
+    (folder / "metrics.json").write_text(metrics)
+    if sha is not None:
+        (folder / "provenance.json").write_text(json.dumps({"data_sha256": sha}))
+    return folder
+
+
+def test_same_config_same_data_is_done(tmp_path):
+    cfg = _cfg()
+    folder = _folder(tmp_path, cfg)
+    assert is_done(folder, cfg, SHA) is True
+    assert is_done(folder, cfg) is True  # no sha asked: not checked
+
+
+def test_settings_without_effect_do_not_rerun(tmp_path):
+    folder = _folder(tmp_path, _cfg("train.progress=true", "train.num_threads=1"))
+    assert is_done(folder, _cfg("train.progress=false", "train.num_threads=2", "train.tensorboard=false"), SHA)
+
+
+def test_unfinished_or_unreadable_runs_are_not_done(tmp_path):
+    cfg = _cfg()
+    folder = _folder(tmp_path, cfg, metrics="{not json")
+    assert is_done(folder, cfg, SHA) is False
+    (folder / "metrics.json").unlink()
+    assert is_done(folder, cfg, SHA) is False
+    folder = _folder(tmp_path, cfg)
+    (folder / "config.yaml").write_text("train: [unclosed")
+    assert is_done(folder, cfg, SHA) is False
+    (folder / "config.yaml").write_text("train:\n  no_such_key: 1\n")  # a config that no longer loads
+    assert is_done(folder, cfg, SHA) is False
+
+
+def test_other_data_reruns_and_says_so(tmp_path, caplog):
+    cfg = _cfg()
+    folder = _folder(tmp_path, cfg, sha=OTHER)
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(folder, cfg, SHA) is False
+    assert caplog.messages == [f"{folder}: trained on other data (sha256 {OTHER[:12]}, now {SHA[:12]}); "
+                               "running it again"]
+    caplog.clear()
+    folder = _folder(tmp_path / "b", cfg, sha=None)
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(folder, cfg, SHA) is False
+    assert caplog.messages == [f"{folder}: trained on other data (sha256 not recorded, now {SHA[:12]}); "
+                               "running it again"]
+
+
+def test_a_changed_setting_reruns_and_names_it(tmp_path, caplog):
+    folder = _folder(tmp_path, _cfg("train.lr=0.001", "train.epochs=3"))
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(folder, _cfg("train.lr=0.002", "train.epochs=4"), SHA) is False
+    assert caplog.messages == [f"{folder}: config changed since it ran (train.epochs, train.lr); running it again"]
+
+
+def test_task_defaults_are_filled_on_both_sides(tmp_path):
+    """A stored config with the task's defaults written out equals a new one that leaves them unset."""
+    cfg = _cfg()
+    from affectkit.train import resolve_config
+
+    folder = _folder(tmp_path, resolve_config(cfg)[0])
+    assert is_done(folder, cfg, SHA) is True
+    assert is_done(folder, _cfg("train.select=MAE"), SHA) is False
+
+
+@pytest.mark.parametrize("key", ["metrics.json", "config.yaml"])
+def test_a_missing_file_is_not_done(tmp_path, key):
+    cfg = _cfg()
+    folder = _folder(tmp_path, cfg)
+    (folder / key).unlink()
+    assert is_done(folder, cfg, SHA) is False
+
+
+def test_another_model_is_not_done(tmp_path):
+    """Runs of two models share only some keys (each model has its own): a different model reruns."""
+    folder = _folder(tmp_path, _cfg())
+    assert is_done(folder, load_config(ROOT / "configs" / "mosi_lab.yaml", ["model.name=mosi_seq"]), SHA) is False
+    assert is_done(folder, load_config(ROOT / "configs" / "corect_iemocap4.yaml"), SHA) is False  # other keys

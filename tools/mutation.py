@@ -1,0 +1,203 @@
+"""Mutation testing of the modules that carry the README's promises (mutmut 3; `pip install -e ".[dev]"`).
+
+    python tools/mutation.py [--only metrics,graph] [--budget-min 90] [--max-children 1]
+
+Each target (a module, or the named functions of one) runs in its own scratch copy under
+``.cache/mutation/<target>/`` (source, tests and configs copied; mutmut's ``mutants/`` lives there, so a rerun
+re-tests only what changed), with only the test files that exercise it. Mutants named in
+``tools/mutation_equivalent.yaml`` (with the reason each cannot change behaviour) leave the denominator; every
+other mutant that no test kills counts against the score ("no tests" included). The per-target table and the
+list of survivors go to ``results/mutation/summary.md`` (raw counts in ``results.json``) and between the
+markers in ``TESTING.md``. Not part of the default test run: it takes tens of minutes on two cores.
+
+Why mutmut: it mutates per function (a target can be "the causal parts" of a module by naming functions), it
+runs only the tests that cover the mutated function, and it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / ".cache" / "mutation"
+OUT = ROOT / "results" / "mutation"
+EQUIVALENT = ROOT / "tools" / "mutation_equivalent.yaml"
+MARK_START, MARK_END = "<!-- mutation:start -->", "<!-- mutation:end -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module (``functions`` empty: all of it) or the named functions of it, with the tests that check it."""
+
+    name: str
+    module: str  # dotted, e.g. affectkit.models.steps
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] = ()  # mutmut names: "x_func" for functions, "xǁClassǁmethod" for methods
+    select: str = ""  # pytest -k expression, to leave out slow tests that do not check this code
+
+    @property
+    def path(self) -> str:
+        return "src/" + self.module.replace(".", "/") + ".py"
+
+    def patterns(self) -> list[str]:
+        if not self.functions:
+            return [f"{self.module}.*"]
+        return [f"{self.module}.{f}__mutmut_*" for f in self.functions]
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("metrics", "affectkit.metrics", ("tests/test_metrics.py", "tests/test_selection.py")),
+    Target("selection", "affectkit.selection", ("tests/test_selection.py",)),
+    Target("safe_pickle", "affectkit.safe_pickle", ("tests/test_safe_loading.py",)),
+    Target("graph", "affectkit.graph", ("tests/test_graph.py",)),
+    Target("steps", "affectkit.models.steps", ("tests/test_stream.py", "tests/test_causal.py")),
+    Target("corect_causal", "affectkit.models.corect", ("tests/test_causal.py", "tests/test_stream.py"),
+           ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges",
+            "xǁCorectǁinit_state", "xǁCorectǁ_check_step")),
+    Target("attention_causal", "affectkit.models.attention", ("tests/test_causal.py", "tests/test_stream.py"),
+           ("x_attention_mask", "xǁKVCacheǁupdate", "xǁKVCacheǁmask", "xǁTransformerStackǁforward")),
+    Target("inputs", "affectkit.features.inputs", ("tests/test_inputs.py", "tests/test_finetune.py"),
+           select="utterance_input or recipe or future or truncated or past_only or range or last_utterance"),
+    Target("store", "affectkit.serve.store", ("tests/test_serve.py",)),
+    Target("access", "affectkit.serve.app", ("tests/test_serve.py",),
+           ("x__plausible_id", "x__bearer", "x__require_access", "xǁServiceǁallow")),
+    Target("resume", "affectkit.studies.run", ("tests/test_resume.py",), ("x_is_done",)),
+)
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
+
+
+def prepare(t: Target) -> Path:
+    """The scratch copy for ``t``: fresh source/tests/configs (mutmut keeps its results beside them)."""
+    work = SCRATCH / t.name
+    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("src", "tests", "configs"):
+        dest = work / folder
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(ROOT / folder, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pyproject = (ROOT / "pyproject.toml").read_text().split("[tool.mutmut]")[0]
+    args = ["-p", "no:cacheprovider", "-x", "-q", *(["-k", t.select] if t.select else [])]
+    section = {"source_paths": ["src/affectkit"], "only_mutate": [t.path], "also_copy": ["configs/"],
+               "pytest_add_cli_args_test_selection": list(t.tests), "pytest_add_cli_args": args}
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    (work / "pyproject.toml").write_text(pyproject + "\n".join(lines) + "\n")
+    return work
+
+
+def run(t: Target, max_children: int, deadline: float) -> None:
+    work = prepare(t)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    left = max(60.0, deadline - time.time())
+    log = (SCRATCH / f"{t.name}.log").open("w")
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
+           *t.patterns()]
+    print(f"[{t.name}] {' '.join(cmd[3:])} (up to {left / 60:.0f} min)", flush=True)
+    try:
+        subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=left, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"[{t.name}] stopped at the time budget; a rerun resumes", flush=True)
+
+
+def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
+    """Counts per status for the target's mutants, from mutmut's ``.meta`` file."""
+    import fnmatch
+
+    meta = SCRATCH / t.name / "mutants" / (t.path + ".meta")
+    codes: dict[str, int | None] = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
+    ours = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in t.patterns())}
+    counts: dict[str, int] = {}
+    survivors, equiv = [], []
+    for key, code in sorted(ours.items()):
+        status = STATUS.get(code, "suspicious")
+        if key in equivalent and status != "killed":
+            equiv.append(key)
+            status = "equivalent"
+        elif status in ("survived", "no tests", "suspicious"):
+            survivors.append(key)
+        counts[status] = counts.get(status, 0) + 1
+    scored = sum(v for k, v in counts.items() if k not in ("equivalent", "skipped", "not checked"))
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    return {"target": t.name, "module": t.module, "functions": list(t.functions) or "all", "mutants": len(ours),
+            "counts": counts, "killed": killed, "scored": scored, "score": killed / scored if scored else None,
+            "survivors": survivors, "equivalent": equiv, "unchecked": counts.get("not checked", 0)}
+
+
+def report(rows: list[dict[str, object]], equivalent: dict[str, str]) -> str:
+    lines = [f"Mutation score per target (`python tools/mutation.py`, mutmut {mutmut_version()}, {date.today()}):",
+             "", "| target | module (functions) | mutants | killed | equivalent | not killed | not checked | score |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    tot_k = tot_s = 0
+    for r in rows:
+        fn = "" if r["functions"] == "all" else " (" + ", ".join(str(f) for f in r["functions"]) + ")"
+        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        lines.append(f"| {r['target']} | `{r['module']}`{fn} | {r['mutants']} | {r['killed']} | "
+                     f"{len(r['equivalent'])} | {len(r['survivors'])} | {r['unchecked']} | {score} |")
+        tot_k += int(r["killed"])
+        tot_s += int(r["scored"])
+    lines.append(f"| **all** | | | {tot_k} | | {tot_s - tot_k} | | "
+                 f"**{100 * tot_k / max(tot_s, 1):.1f}%** |")
+    lines += ["", "Not killed (each needs a test, or a reason in `tools/mutation_equivalent.yaml`):", ""]
+    for r in rows:
+        for key in r["survivors"]:
+            lines.append(f"- `{key}`")
+    if not any(r["survivors"] for r in rows):
+        lines.append("- none")
+    lines += ["", "Equivalent (cannot change behaviour; reasons from `tools/mutation_equivalent.yaml`):", ""]
+    for r in rows:
+        for key in r["equivalent"]:
+            lines.append(f"- `{key}`: {equivalent[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated target names (default: all)")
+    ap.add_argument("--budget-min", type=float, default=120.0, help="stop all runs after this many minutes")
+    ap.add_argument("--max-children", type=int, default=1, help="mutmut worker processes")
+    ap.add_argument("--report-only", action="store_true", help="only collect the results already there")
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(names) - {t.name for t in TARGETS})
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}; choose from {[t.name for t in TARGETS]}")
+    targets = [t for t in TARGETS if not names or t.name in names]
+    equivalent = yaml.safe_load(EQUIVALENT.read_text()) or {}
+    deadline = time.time() + 60 * args.budget_min
+    if not args.report_only:
+        for t in targets:
+            if time.time() < deadline:
+                run(t, args.max_children, deadline)
+    rows = [collect(t, equivalent) for t in TARGETS if (SCRATCH / t.name / "mutants").is_dir()]
+    text = report(rows, equivalent)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.md").write_text(text)
+    (OUT / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    testing = ROOT / "TESTING.md"
+    if testing.is_file() and MARK_START in testing.read_text():
+        head, rest = testing.read_text().split(MARK_START, 1)
+        testing.write_text(head + MARK_START + "\n" + text + MARK_END + rest.split(MARK_END, 1)[1])
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
