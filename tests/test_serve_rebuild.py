@@ -287,11 +287,19 @@ def test_a_storm_beyond_the_bound_is_told_overloaded_and_a_left_client_drops_its
             assert closed.value.code == 1013
         # the second client left before its session was ready: its rebuild is dropped, never run
         _wait_for(lambda: ids[1][0] not in svc.connections, "the handler of the client that left to end")
+        # a session created now opens though the lane is full: its log is empty, it needs no rebuild
+        position = svc.pool.position
+        svc.pool.position = lambda sid: log.append(("open", sid)) or position(sid)
+        new = c.post("/v1/sessions").json()
+        late = _connect(c, stack, new["id"], new["token"])
         gate.set()
+        ready = late.receive_json()
+        assert ready["type"] == "ready" and ready["position"] == 0 and ("open", new["id"]) in log
+        assert not any(new["id"] in e[1] for e in log if e[0] == "piece")  # never in the rebuild lane
         assert first.receive_json()["position"] == 5
         _wait_for(lambda: svc.batcher.jobs_waiting == 0, "the lane to empty")
         assert svc.batcher.jobs_dropped == 1
-        assert not any(ids[1][0] in e[1] for e in log) and set(svc.pool.live) == {ids[0][0]}
+        assert not any(ids[1][0] in e[1] for e in log) and set(svc.pool.live) == {ids[0][0], new["id"]}
         metrics = c.get("/metrics").text
         assert 'affectkit_errors_total{kind="overloaded"} 1.0' in metrics
         assert "affectkit_rebuilds_dropped 1.0" in metrics and "affectkit_rebuilds_waiting 0.0" in metrics

@@ -310,6 +310,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         s = svc()
         sid, token = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
         s.store.create_session(sid, token)
+        s.pool.note_created(sid)
         s.metrics.sessions_created.inc()
         return SessionCreated(id=sid, token=token, stream=f"/v1/sessions/{sid}/stream", labels=s.labels,
                               modalities=s.modalities, dims=s.dims, max_speakers=len(s.tags))
