@@ -70,7 +70,6 @@ class ServeSettings:
     rate_burst: float = 40.0       # ... with this burst
     sweep_every_s: float = 10.0    # how often idle sessions are looked for
     max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
-    rebuild_slice_ms: float = 30.0  # rebuild work run between two live batches (a live utterance waits this + a piece)
 
 
 # ------------------------------------------------------------------------------------ wire formats
@@ -130,6 +129,9 @@ class Metrics:
         self.batch_seconds = Histogram("affectkit_batch_seconds", "time to run one batch", registry=r)
         self.queue = Gauge("affectkit_queue_depth", "utterances waiting for the worker", registry=r)
         self.rebuilt = Gauge("affectkit_sessions_rebuilt", "sessions rebuilt from the log", registry=r)
+        self.rebuilds_waiting = Gauge("affectkit_rebuilds_waiting", "reconnects waiting for their session's rebuild",
+                                      registry=r)
+        self.rebuilds_dropped = Gauge("affectkit_rebuilds_dropped", "rebuilds dropped: their client left", registry=r)
 
 
 class Service:
@@ -153,8 +155,7 @@ class Service:
         self.metrics = Metrics()
         self.batcher: Batcher[Item] = Batcher(self.pool.step, settings.max_batch, settings.max_wait_ms,
                                               settings.max_queue, on_batch=self._on_batch,
-                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
-                                              job_slice_ms=settings.rebuild_slice_ms)
+                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.connections: dict[str, set[WebSocket]] = {}
 
@@ -309,6 +310,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         s = svc()
         sid, token = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
         s.store.create_session(sid, token)
+        s.pool.note_created(sid)
         s.metrics.sessions_created.inc()
         return SessionCreated(id=sid, token=token, stream=f"/v1/sessions/{sid}/stream", labels=s.labels,
                               modalities=s.modalities, dims=s.dims, max_speakers=len(s.tags))
@@ -367,6 +369,8 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         """Prometheus text format."""
         s = svc()
         s.metrics.queue.set(s.batcher.depth)
+        s.metrics.rebuilds_waiting.set(s.batcher.jobs_waiting)
+        s.metrics.rebuilds_dropped.set(s.batcher.jobs_dropped)
         s.metrics.connections.set(sum(len(c) for c in s.connections.values()))
         return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
