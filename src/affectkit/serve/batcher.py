@@ -171,13 +171,7 @@ class Batcher(Generic[T]):
             results = [exc] * len(live)
         if self.on_batch is not None:
             self.on_batch(len(live), time.perf_counter() - start)
-        for (_, fut), res in zip(live, results):
-            if fut.done():
-                continue
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
+        _resolve(live, results)
 
     async def _run_piece(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Run one piece of the job in progress, starting one from the waiting requests if there is none
@@ -207,13 +201,7 @@ class Batcher(Generic[T]):
             done, value = True, [exc] * len(entries)
         if done:
             self._job = None
-            for (_, fut), res in zip(entries, value):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            _resolve(entries, value)
         return True
 
 
@@ -224,3 +212,14 @@ def _advance(job: Generator[Any, None, Any]) -> tuple[bool, Any]:
     except StopIteration as stop:
         return True, stop.value
     return False, None
+
+
+def _resolve(entries: list[tuple[Any, asyncio.Future[Any]]], results: list[Any]) -> None:
+    """Give each waiting caller its result (an exception is raised to it); callers gone already are skipped."""
+    for (_, fut), res in zip(entries, results):
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
