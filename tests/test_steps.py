@@ -71,3 +71,35 @@ def test_take_is_a_copy():
     one = r.take(1, 16)
     one.rows["k"][0, 0] = -1.0
     assert float(r.rows["k"][1, 0, 0]) == 1.0 and one.slot_pos.shape == (1, 16)
+
+
+def test_shift_relabels_a_tail_to_its_true_positions():
+    """A fixed ring stepped through positions 0..2 and shifted by 3 holds what a ring stepped through
+    0..5 holds for positions 3..5, slot for slot (slot = position % capacity)."""
+    cap = 4
+    tail = Ring(1, 3, cap, torch.device("cpu"))
+    full = Ring(1, 3, cap, torch.device("cpu"))
+    for p in range(6):
+        full.begin(torch.tensor([p]))
+        full.write("k", torch.full((1, 1, 2), float(100 + p)))
+        full.end()
+        if p >= 3:
+            tail.begin(torch.tensor([p - 3]))
+            tail.write("k", torch.full((1, 1, 2), float(100 + p)))
+            tail.end()
+    tail.shift(3)
+    for p in range(3, 6):
+        s = p % cap
+        assert int(tail.slot_pos[0, s]) == p == int(full.slot_pos[0, s])
+        assert torch.equal(tail.rows["k"][0, s], full.rows["k"][0, s])
+    assert sorted(int(p) for p in tail.slot_pos[0] if p >= 0) == [3, 4, 5]
+    tail.shift(0)
+    assert sorted(int(p) for p in tail.slot_pos[0] if p >= 0) == [3, 4, 5]
+
+
+def test_shift_moves_every_session_of_a_batch():
+    a, b = _ring(3, 4, 3), _ring(3, 4, 2)
+    both = Ring.stack([a, b])
+    both.shift(5)
+    assert _stored(both, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(both, i=1) == {5: 1.0, 6: 2.0}
+    assert [int(both.slot_pos[1, p % 4]) for p in (5, 6)] == [5, 6]
