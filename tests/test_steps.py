@@ -103,3 +103,17 @@ def test_shift_moves_every_session_of_a_batch():
     both.shift(5)
     assert _stored(both, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(both, i=1) == {5: 1.0, 6: 2.0}
     assert [int(both.slot_pos[1, p % 4]) for p in (5, 6)] == [5, 6]
+
+
+def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
+    """Rewound to 3 with rows of 3..5 still in the ring, a chunk of positions 3..5 reads stored 0..2 and its
+    own rows, never the stale 3..5."""
+    r = _ring(None, None, 6)
+    r.begin(torch.tensor([3]), 3)
+    mask = r.mask()
+    assert mask.shape == (1, 1, 3, 16 + 3)
+    stored, own = mask[0, 0, :, :16], mask[0, 0, :, 16:]
+    for q in range(3):  # query of position 3 + q
+        read = {int(r.slot_pos[0, s]) for s in range(16) if bool(stored[q, s])}
+        assert read == {0, 1, 2}
+        assert own[q].tolist() == [j <= q for j in range(3)]
