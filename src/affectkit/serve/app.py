@@ -182,6 +182,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
                                     headers={"Retry-After": "3600"})
             raise HTTPException(429, f"{lim.max_sessions} sessions exist, the most this server keeps; delete "
                                      "finished sessions", headers={"Retry-After": "60"})
+        s.pool.note_created(sid)
         s.metrics.sessions_created.inc()
         return SessionCreated(id=sid, token=token, stream=f"/v1/sessions/{sid}/stream", labels=s.labels,
                               modalities=s.modalities, dims=s.dims, max_speakers=len(s.tags))
@@ -251,6 +252,8 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         """Prometheus text format."""
         s = svc()
         s.metrics.queue.set(s.batcher.depth)
+        s.metrics.rebuilds_waiting.set(s.batcher.jobs_waiting)
+        s.metrics.rebuilds_dropped.set(s.batcher.jobs_dropped)
         s.metrics.connections.set(sum(len(c) for c in s.connections.values()))
         s.metrics.store_bytes.set(s.store.size_bytes())
         return Response(generate_latest(s.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,10 +10,9 @@ Background work (rebuilding sessions from their log) goes to a second, bounded l
 (:meth:`Batcher.submit_job`): requests wait there (at most ``max_jobs``; beyond, :class:`Overloaded` at
 once) until the worker takes up to ``max_job_batch`` of them into one *job*, ``jobs(requests, alive)``: a
 generator run on the same worker thread one piece (one ``next``) at a time, whose return value holds one
-result per request.  Between two batches of live items the worker gives the lane a slice: pieces for up to
-``job_slice_ms`` (at least one piece, fewer when the lane runs dry).  So a live item waits behind at most one
-slice plus one piece of background work, never behind the whole lane, while jobs still progress under full
-live load and run back to back when there is none.  Requests are served first come, first served; one whose
+result per request.  Between two batches of live items the worker runs one piece.  So a live item waits
+behind at most one piece of background work, never behind the whole lane, while jobs still progress under
+full live load and run back to back when there is none.  Requests are served first come, first served; one whose
 caller went away is dropped before its job starts (and ``alive(i)`` tells a running job which callers still
 wait); a job nobody waits for any more is closed.
 """
@@ -47,11 +46,11 @@ class Batcher(Generic[T]):
     def __init__(self, fn: Callable[[list[T]], Sequence[Any]], max_batch: int = 32, max_wait_ms: float = 2.0,
                  max_queue: int = 256, executor: ThreadPoolExecutor | None = None,
                  on_batch: Callable[[int, float], None] | None = None, jobs: Job | None = None,
-                 max_jobs: int = 64, max_job_batch: int = 8, job_slice_ms: float = 0.0) -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_jobs < 1 or max_job_batch < 1 or job_slice_ms < 0:
+                 max_jobs: int = 64, max_job_batch: int = 8) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or max_jobs < 1 or max_job_batch < 1:
             raise ConfigError(f"batcher needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, max_jobs >= 1, "
-                              f"max_job_batch >= 1, job_slice_ms >= 0; got {max_batch}, {max_queue}, {max_wait_ms}, "
-                              f"{max_jobs}, {max_job_batch}, {job_slice_ms}")
+                              f"max_job_batch >= 1; got {max_batch}, {max_queue}, {max_wait_ms}, {max_jobs}, "
+                              f"{max_job_batch}")
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.max_queue = max_queue
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="affectkit-infer")
@@ -60,7 +59,6 @@ class Batcher(Generic[T]):
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self.job_fn, self.max_jobs, self.max_job_batch = jobs, max_jobs, max_job_batch
-        self.job_slice = job_slice_ms / 1000
         self._jobs: deque[tuple[Any, asyncio.Future[Any]]] = deque()  # requests waiting for a job
         self._job: tuple[Generator[Any, None, Sequence[Any]], list[tuple[Any, asyncio.Future[Any]]]] | None = None
         self._wake: asyncio.Event | None = None
@@ -161,9 +159,7 @@ class Batcher(Generic[T]):
                 await wake.wait()
             if not queue.empty():
                 await self._run_batch(queue, loop)
-            end = loop.time() + self.job_slice
-            while await self._run_piece(loop) and loop.time() < end:
-                pass
+            await self._run_piece(loop)
 
     async def _run_batch(self, queue: asyncio.Queue[tuple[T, asyncio.Future[Any]]],
                          loop: asyncio.AbstractEventLoop) -> None:
@@ -191,13 +187,7 @@ class Batcher(Generic[T]):
             results = [exc] * len(live)
         if self.on_batch is not None:
             self.on_batch(len(live), time.perf_counter() - start)
-        for (_, fut), res in zip(live, results):
-            if fut.done():
-                continue
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
+        _resolve(live, results)
 
     async def _run_piece(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Run one piece of the job in progress, starting one from the waiting requests if there is none
@@ -227,13 +217,7 @@ class Batcher(Generic[T]):
             done, value = True, [exc] * len(entries)
         if done:
             self._job = None
-            for (_, fut), res in zip(entries, value):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            _resolve(entries, value)
         return True
 
 
@@ -244,3 +228,14 @@ def _advance(job: Generator[Any, None, Any]) -> tuple[bool, Any]:
     except StopIteration as stop:
         return True, stop.value
     return False, None
+
+
+def _resolve(entries: list[tuple[Any, asyncio.Future[Any]]], results: list[Any]) -> None:
+    """Give each waiting caller its result (an exception is raised to it); callers gone already are skipped."""
+    for (_, fut), res in zip(entries, results):
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)

@@ -26,4 +26,7 @@ class Metrics:
         self.batch_seconds = Histogram("affectkit_batch_seconds", "time to run one batch", registry=r)
         self.queue = Gauge("affectkit_queue_depth", "utterances waiting for the worker", registry=r)
         self.rebuilt = Gauge("affectkit_sessions_rebuilt", "sessions rebuilt from the log", registry=r)
+        self.rebuilds_waiting = Gauge("affectkit_rebuilds_waiting", "reconnects waiting for their session's rebuild",
+                                      registry=r)
+        self.rebuilds_dropped = Gauge("affectkit_rebuilds_dropped", "rebuilds dropped: their client left", registry=r)
         self.store_bytes = Gauge("affectkit_store_bytes", "size of the session log", registry=r)

@@ -1,5 +1,5 @@
-"""Opening a session on a WebSocket: a session in memory opens at once; one that must be rebuilt from the
-log waits in the batcher's bounded rebuild lane (never ahead of live utterances, see
+"""Opening a session on a WebSocket: a session in memory (or just created, with an empty log) opens at once;
+one that must be rebuilt from the log waits in the batcher's bounded rebuild lane (never ahead of live utterances, see
 :mod:`affectkit.serve.batcher`) while the handler keeps listening to the socket, so a client that leaves
 before its session is ready drops its rebuild instead of leaving work behind.
 """
@@ -24,7 +24,7 @@ async def open_session(batcher: Batcher[Any], pool: SessionPool, ws: WebSocket,
     client left while its session was being rebuilt (the rebuild is dropped).  Raises
     :class:`~affectkit.serve.batcher.Overloaded` at once when the rebuild lane is full, and
     :class:`~affectkit.serve.sessions.UnknownSession` for a deleted session."""
-    if session_id in pool.live:  # a dict lookup from the event loop; if it was evicted since, position rebuilds
+    if pool.is_fresh(session_id):  # live, or new and empty: no rebuild to wait for (a stale answer: get rebuilds)
         return await batcher.run_bounded(pool.position, session_id, what="session openings"), None
     rebuilt = batcher.submit_job(session_id, "session rebuilds")
     receiving = asyncio.ensure_future(ws.receive())

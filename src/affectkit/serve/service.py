@@ -46,7 +46,6 @@ class ServeSettings:
     connect_burst: float = 10.0    # ... with this burst (a reconnect loop is refused with 429, never served)
     sweep_every_s: float = 10.0    # how often idle sessions are looked for (and retention runs)
     max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
-    rebuild_slice_ms: float = 30.0  # rebuild work run between two live batches (a live utterance waits this + a piece)
     engine_batch: bool = True      # step the sessions of a batch in one forward (False: one push per session)
     api_key: str | None = None     # operator key required to create sessions (None: anyone who reaches it)
     create_per_min: float = 30.0   # session creations per minute per client address ...
@@ -91,7 +90,7 @@ class ServeSettings:
                     raise ConfigError(f"{FLAGS[name]}: give one or more non-empty names")
 
 
-NON_NEGATIVE = ("max_wait_ms", "rebuild_slice_ms", "idle_evict_s")
+NON_NEGATIVE = ("max_wait_ms", "idle_evict_s")
 FLAGS = {"max_batch": "--max-batch", "max_wait_ms": "--batch-wait-ms", "max_queue": "--max-queue",
          "idle_evict_s": "--idle-evict", "max_live_sessions": "--max-live", "idle_timeout_s": "--idle-timeout",
          "max_message_bytes": "--max-message-bytes", "max_text_chars": "--max-text-chars",
@@ -162,8 +161,7 @@ class Service:
         self.metrics = Metrics()
         self.batcher: Batcher[Item] = Batcher(self.pool.step, settings.max_batch, settings.max_wait_ms,
                                               settings.max_queue, on_batch=self._on_batch,
-                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
-                                              job_slice_ms=settings.rebuild_slice_ms)
+                                              jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds)
         self.frames = TokenBucket(settings.rate_per_s, settings.rate_burst)
         self.creations = TokenBucket(settings.create_per_min / 60, settings.create_burst)
         self.connects = TokenBucket(settings.connect_per_min / 60, settings.connect_burst)

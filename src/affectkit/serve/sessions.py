@@ -13,6 +13,7 @@ store's writes), so nothing here needs a lock.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
@@ -136,8 +137,25 @@ class SessionPool:
         self.rebuilt = 0
         self._rebuilds_running = 0
         self._changed: set[str] = set()  # sessions appended to or dropped while a rebuild ran
+        self._fresh: OrderedDict[str, None] = OrderedDict()  # created here, never opened: their log is empty
+        self._fresh_lock = threading.Lock()  # noted by the create route's thread, read by the event loop
 
     # -- state
+
+    def note_created(self, session_id: str) -> None:
+        """Remember a session this process just created (its log is empty), so opening it needs no rebuild
+        and never waits in the rebuild lane (:meth:`is_fresh`); the last ``max_live`` are remembered.
+        Safe from any thread."""
+        with self._fresh_lock:
+            self._fresh[session_id] = None
+            while len(self._fresh) > self.max_live:
+                self._fresh.popitem(last=False)
+
+    def is_fresh(self, session_id: str) -> bool:
+        """Whether opening the session is cheap: it is live, or was created here and never opened.  Safe
+        from any thread (a stale answer only costs a rebuild on the worker thread)."""
+        with self._fresh_lock:
+            return session_id in self.live or session_id in self._fresh
 
     def get(self, session_id: str) -> Live:
         """The live session, rebuilt from the log at once (one prefill) if it is not in memory."""
@@ -231,6 +249,8 @@ class SessionPool:
 
     def _install(self, session_id: str, job: _Rebuild) -> Live:
         """A finished rebuild becomes the live session."""
+        with self._fresh_lock:
+            self._fresh.pop(session_id, None)
         for position, speaker, text in job.turns:
             job.live.stream.remember_turn(position, speaker, text)
         self.live[session_id] = job.live

@@ -1,0 +1,119 @@
+"""The step state's bookkeeping (``affectkit.models.steps``) on hand-made rings: stacking sessions for a
+batched step and splitting them again keeps every stored row, and a split session keeps only the slots it
+needs (a fixed window keeps its own capacity)."""
+
+from __future__ import annotations
+
+import torch
+
+from affectkit.models.steps import Ring, StepState, _grown
+
+
+def _ring(window: int | None, capacity: int | None, n: int, dim: int = 4, key: str = "k") -> Ring:
+    """One session with positions 0..n-1 stepped in; the row of position p holds p + 1 in every column."""
+    r = Ring(1, window, capacity, torch.device("cpu"))
+    for p in range(n):
+        r.begin(torch.tensor([p]))
+        r.write(key, torch.full((1, 1, dim), float(p + 1)))
+        r.end()
+    return r
+
+
+def _stored(r: Ring, key: str = "k", i: int = 0) -> dict[int, float]:
+    """position -> its row's value, for session ``i``."""
+    return {int(p): float(r.rows[key][i, s, 0]) for s, p in enumerate(r.slot_pos[i].tolist()) if p >= 0}
+
+
+def test_grown_doubles_from_sixteen():
+    assert [_grown(16, p) for p in (0, 15, 16, 31, 32, 100)] == [16, 16, 32, 32, 64, 128]
+    assert _grown(0, 0) == 16 and _grown(4, 3) == 4
+
+
+def test_stack_of_one_state_is_that_state():
+    s = StepState(torch.tensor([3]), {"attention": _ring(None, None, 3)})
+    one = StepState.stack([s])
+    assert one.lengths.tolist() == [3] and _stored(one.rings["attention"]) == {0: 1.0, 1: 2.0, 2: 3.0}
+
+
+def test_stack_pads_grown_rings_whatever_the_row_width():
+    """Sessions whose unbounded rings grew to different capacities stack side by side (the shorter padded),
+    also when the row width equals the larger capacity."""
+    short, long_ = _ring(None, None, 3, dim=32), _ring(None, None, 20, dim=32)
+    assert (short.capacity, long_.capacity) == (16, 32)
+    both = Ring.stack([short, long_])
+    assert both.capacity == 32 and both.rows["k"].shape == (2, 32, 32)
+    assert _stored(both, i=0) == _stored(short) and _stored(both, i=1) == _stored(long_)
+    fresh = Ring(1, None, None, torch.device("cpu"))  # a session with no rows yet
+    mixed = Ring.stack([fresh, short])
+    assert mixed.rows["k"].shape == (2, 16, 32) and _stored(mixed, i=1) == _stored(short)
+    assert not bool((mixed.slot_pos[0] >= 0).any())
+
+
+def test_split_keeps_what_each_session_needs():
+    """An unbounded ring splits into the capacity its session's length needs (16, doubled as it grows);
+    a fixed ring keeps its capacity, however short the session."""
+    lengths = (1, 16, 17, 40)
+    rings = [_ring(None, None, n) for n in lengths]
+    stacked = StepState(torch.tensor(lengths), {"attention": Ring.stack(rings)})
+    parts = stacked.split()
+    assert [p.rings["attention"].capacity for p in parts] == [16, 16, 32, 64]
+    for part, ring, n in zip(parts, rings, lengths):
+        assert part.lengths.tolist() == [n] and _stored(part.rings["attention"]) == _stored(ring)
+    fixed = [_ring(24, 24, n) for n in (1, 30)]
+    parts = StepState(torch.tensor([1, 30]), {"graph": Ring.stack(fixed)}).split()
+    assert [p.rings["graph"].capacity for p in parts] == [24, 24]
+    assert all(p.rings["graph"].fixed for p in parts)
+    assert [_stored(p.rings["graph"]) for p in parts] == [_stored(r) for r in fixed]
+
+
+def test_take_is_a_copy():
+    r = Ring.stack([_ring(None, None, 2), _ring(None, None, 3)])
+    one = r.take(1, 16)
+    one.rows["k"][0, 0] = -1.0
+    assert float(r.rows["k"][1, 0, 0]) == 1.0 and one.slot_pos.shape == (1, 16)
+
+
+def test_shift_relabels_a_tail_to_its_true_positions():
+    """A fixed ring stepped through positions 0..2 and shifted by 3 holds what a ring stepped through
+    0..5 holds for positions 3..5, slot for slot (slot = position % capacity)."""
+    cap = 4
+    tail = Ring(1, 3, cap, torch.device("cpu"))
+    full = Ring(1, 3, cap, torch.device("cpu"))
+    for p in range(6):
+        full.begin(torch.tensor([p]))
+        full.write("k", torch.full((1, 1, 2), float(100 + p)))
+        full.end()
+        if p >= 3:
+            tail.begin(torch.tensor([p - 3]))
+            tail.write("k", torch.full((1, 1, 2), float(100 + p)))
+            tail.end()
+    tail.shift(3)
+    for p in range(3, 6):
+        s = p % cap
+        assert int(tail.slot_pos[0, s]) == p == int(full.slot_pos[0, s])
+        assert torch.equal(tail.rows["k"][0, s], full.rows["k"][0, s])
+    assert sorted(int(p) for p in tail.slot_pos[0] if p >= 0) == [3, 4, 5]
+    tail.shift(0)
+    assert sorted(int(p) for p in tail.slot_pos[0] if p >= 0) == [3, 4, 5]
+
+
+def test_shift_moves_every_session_of_a_batch():
+    a, b = _ring(3, 4, 3), _ring(3, 4, 2)
+    both = Ring.stack([a, b])
+    both.shift(5)
+    assert _stored(both, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(both, i=1) == {5: 1.0, 6: 2.0}
+    assert [int(both.slot_pos[1, p % 4]) for p in (5, 6)] == [5, 6]
+
+
+def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
+    """Rewound to 3 with rows of 3..5 still in the ring, a chunk of positions 3..5 reads stored 0..2 and its
+    own rows, never the stale 3..5."""
+    r = _ring(None, None, 6)
+    r.begin(torch.tensor([3]), 3)
+    mask = r.mask()
+    assert mask.shape == (1, 1, 3, 16 + 3)
+    stored, own = mask[0, 0, :, :16], mask[0, 0, :, 16:]
+    for q in range(3):  # query of position 3 + q
+        read = {int(r.slot_pos[0, s]) for s in range(16) if bool(stored[q, s])}
+        assert read == {0, 1, 2}
+        assert own[q].tolist() == [j <= q for j in range(3)]
