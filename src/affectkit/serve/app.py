@@ -42,6 +42,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from affectkit.errors import AffectkitError, ConfigError, DataError
 from affectkit.serve.audio_ws import AudioSettings, audio_config, serve_audio
 from affectkit.serve.batcher import Batcher, Overloaded
+from affectkit.serve.bounded import BoundsCollector, TokenBuckets, service_caches
 from affectkit.serve.reconnect import open_session
 from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers, UnknownSession
 from affectkit.serve.store import Store, token_digest
@@ -155,8 +156,9 @@ class Service:
                                               settings.max_queue, on_batch=self._on_batch,
                                               jobs=self.pool.rebuild, max_jobs=settings.max_rebuilds,
                                               job_slice_ms=settings.rebuild_slice_ms)
-        self.buckets: dict[str, tuple[float, float]] = {}
-        self.connections: dict[str, set[WebSocket]] = {}
+        self.buckets = TokenBuckets(settings.rate_per_s, settings.rate_burst)  # bounded: serve/bounded.py
+        self.connections: dict[str, set[WebSocket]] = {}  # open ones only: emptied sets are removed
+        self.metrics.registry.register(BoundsCollector(lambda: service_caches(self)))
 
     def _on_batch(self, size: int, seconds: float) -> None:
         m = self.metrics
@@ -167,14 +169,7 @@ class Service:
 
     def allow(self, session_id: str) -> bool:
         """Token bucket per session: False when the session sends faster than the limit."""
-        s, now = self.settings, time.monotonic()
-        tokens, last = self.buckets.get(session_id, (s.rate_burst, now))
-        tokens = min(s.rate_burst, tokens + (now - last) * s.rate_per_s)
-        if tokens < 1:
-            self.buckets[session_id] = (tokens, now)
-            return False
-        self.buckets[session_id] = (tokens - 1, now)
-        return True
+        return self.buckets.allow(session_id)
 
     def authorize(self, session_id: str, token: str | None) -> int:
         """0 if ``token`` opens ``session_id``, else the HTTP status: 404 unknown, 401 none, 403 wrong (every
@@ -194,6 +189,7 @@ class Service:
         while True:
             await asyncio.sleep(self.settings.sweep_every_s)
             await self.batcher.run_sync(self.pool.sweep)
+            self.buckets.prune()
             self.metrics.sessions_live.set(len(self.pool.live))
 
 
