@@ -150,6 +150,8 @@ class EmbeddingCache:
         return self._vectors.stats()
 
     def put(self, key: str, vector: np.ndarray) -> None:
+        if self._vectors.limit is not None:  # a row of a batch would keep the whole batch alive while it stays
+            vector = np.array(vector, dtype=np.float32, copy=True)
         self._vectors.put(key, vector)
         if self.path is not None:
             self._new[key] = vector
