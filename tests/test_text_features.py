@@ -332,3 +332,28 @@ def test_concat_tool_puts_two_files_vectors_side_by_side(tmp_path: Path) -> None
     bad = subprocess.run([sys.executable, str(tool), str(a), str(other), str(tmp_path / "x.pkl")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "utterances" in bad.stderr and not (tmp_path / "x.pkl").exists()
+
+
+def test_a_bounded_cache_keeps_its_limit_and_answers_calls_larger_than_it(tmp_path, monkeypatch):
+    """``max_entries``: the least recently used vectors leave, a call with more distinct sentences than the
+    limit still gets every vector right, and without a file nothing is kept for saving."""
+    from affectkit.features.text import SentenceEncoder
+
+    def fake(sentences, progress=False):
+        return np.stack([np.full(384, float(len(s)), np.float32) for s in sentences])
+
+    enc = SentenceEncoder(use_cache=False, max_entries=3)
+    monkeypatch.setattr(enc, "encode", fake)
+    words = [f"w{'x' * i}" for i in range(10)]
+    out = enc.embed(words + words[:2])
+    np.testing.assert_array_equal(out[:, 0], [len(w) for w in words + words[:2]])
+    s = enc.cache.stats()
+    assert (s.size, s.limit, s.evictions) == (3, 3, 7) and not enc.cache._new
+    enc.embed(words[-1:])
+    assert enc.cached == 1 and enc.cache.stats().hits == 1
+    filed = SentenceEncoder(tmp_path, max_entries=2)  # with a file: bounded in memory, every new vector saved
+    monkeypatch.setattr(filed, "encode", fake)
+    filed.embed(words[:5])
+    assert len(filed.cache) == 2
+    with np.load(tmp_path / "text" / "all-MiniLM-L6-v2.npz") as npz:
+        assert npz["keys"].shape == (5,)

@@ -219,12 +219,28 @@ class StreamModel:
                 "pass them with push(text=...)")
 
     def text_encoder(self) -> Any:
-        """The checkpoint's own fine-tuned encoder (loaded once, verified); None for the shipped encoder."""
+        """The checkpoint's own fine-tuned encoder (loaded once, verified); None for the shipped encoder.
+        A live process keeps its vectors in memory only, at most ``LIVE_CACHE_ENTRIES`` (no cache file:
+        a turn's vector is needed once, for its own push, and a session's log keeps it for a rebuild)."""
         if self.encoder_ref is not None and self._encoder is None:
             from affectkit.features.encoder_ref import load_reference_encoder
+            from affectkit.features.text import LIVE_CACHE_ENTRIES
 
-            self._encoder = load_reference_encoder(self.encoder_ref)
+            self._encoder = load_reference_encoder(self.encoder_ref, use_cache=False, max_entries=LIVE_CACHE_ENTRIES)
         return self._encoder
+
+    def text_cache(self) -> Any:
+        """The in-memory vector cache raw text goes through (its ``stats()`` for metrics): the fine-tuned
+        encoder's or the shipped encoder's; None when ``embed`` was given or the model reads no text."""
+        if self.embed is not None or "text" not in self.modalities:
+            return None
+        enc = self.text_encoder()
+        if enc is not None:
+            return enc.cache
+        try:
+            return _sentence_encoder().cache
+        except ImportError:
+            return None
 
     @property
     def encoder_reads_turns(self) -> bool:
@@ -289,14 +305,15 @@ def _encoder_dim() -> int:
 def _sentence_encoder() -> Any:
     from affectkit.features import text as text_features
 
-    return text_features.SentenceEncoder(use_cache=False)
+    return text_features.SentenceEncoder(use_cache=False, max_entries=text_features.LIVE_CACHE_ENTRIES)
 
 
 def embed_text(sentences: list[str]) -> np.ndarray:
     """Embed raw sentences with the offline encoder that builds the training text features
-    (``affectkit.features.text``, all-MiniLM-L6-v2, 384-d), without touching its on-disk cache."""
+    (``affectkit.features.text``, all-MiniLM-L6-v2, 384-d), without touching its on-disk cache; the last
+    ``LIVE_CACHE_ENTRIES`` distinct sentences are kept in memory (least recently used leave first)."""
     _encoder_dim()
-    return _sentence_encoder().encode(sentences)
+    return _sentence_encoder().embed(list(sentences), save=False)
 
 
 class Stream:

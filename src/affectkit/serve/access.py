@@ -15,13 +15,21 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import math
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["LOOPBACK", "PROTOCOL", "TokenBucket", "api_key_ok", "bearer", "host_allowed", "is_loopback",
+from affectkit.cache import CacheStats
+
+__all__ = ["LOOPBACK", "MAX_BUCKETS", "PROTOCOL", "TokenBucket", "api_key_ok", "bearer", "host_allowed", "is_loopback",
            "origin_allowed", "plausible_id", "token_status", "ws_token"]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: Token buckets kept at most per limit (about 200 bytes each: ~13 MB at the limit).
+MAX_BUCKETS = 65536
 PROTOCOL = "affectkit.v1"          # the WebSocket subprotocol the server speaks
 BEARER_PROTOCOL = "affectkit.bearer."  # + token: how a browser sends its token on the upgrade
 
@@ -116,32 +124,74 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed: list[st
 
 
 class TokenBucket:
-    """A token bucket per key (a session, a client address): ``rate`` per second, ``burst`` at most.
-    :meth:`take` returns 0 when allowed, else the seconds until one more is (Retry-After).  Keys that are
-    full again are forgotten now and then, so the table cannot grow without end."""
+    """A token bucket per key (a session, a client address): ``rate`` per second, ``burst`` at most, at most
+    ``max_keys`` keys kept (least recently used leave first: such a key starts again full, which only errs on
+    the lenient side). :meth:`take` returns 0 when allowed, else the seconds until one more is (Retry-After).
+    A bucket that has refilled is the same as none: :meth:`prune` (the sweeper) drops those. Thread-safe."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self.buckets: dict[str, tuple[float, float]] = {}
+    def __init__(self, rate: float, burst: float, max_keys: int = MAX_BUCKETS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.max_keys, self.clock = rate, burst, max_keys, clock
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    @property
+    def limit(self) -> int:
+        return self.max_keys
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self.max_keys = value
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.buckets
+
+    def _level(self, tokens: float, at: float, now: float) -> float:
+        return min(self.burst, tokens + (now - at) * self.rate)
 
     def take(self, key: str, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        tokens, last = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self.buckets[key] = (tokens, now)
-            return (1 - tokens) / self.rate if self.rate > 0 else math.inf
-        self.buckets[key] = (tokens - 1, now)
-        if len(self.buckets) > self.max_keys:
-            self._forget(now)
-        return 0.0
+        now = self.clock() if now is None else now
+        with self._lock:
+            old = self.buckets.pop(key, None)
+            if old is None:
+                self.misses += 1
+                tokens = self.burst
+            else:
+                self.hits += 1
+                tokens = self._level(*old, now)
+            ok = tokens >= 1
+            self.buckets[key] = (tokens - 1 if ok else tokens, now)
+            while len(self.buckets) > self.max_keys:
+                self.buckets.popitem(last=False)
+                self.evictions += 1
+        if ok:
+            return 0.0
+        return (1 - tokens) / self.rate if self.rate > 0 else math.inf
 
-    def _forget(self, now: float) -> None:
-        full = [k for k, (t, last) in self.buckets.items() if t + (now - last) * self.rate >= self.burst]
-        for k in full:
-            del self.buckets[k]
-        while len(self.buckets) > self.max_keys:  # everyone is mid-burst: drop the oldest (they start full)
-            del self.buckets[next(iter(self.buckets))]
+    def allow(self, key: str) -> bool:
+        """Take a token from ``key``'s bucket: False (and nothing taken) when it is empty."""
+        return self.take(key) == 0
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop the buckets that have refilled (the same as having none); returns how many."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            full = [k for k, (tokens, at) in self.buckets.items() if self._level(tokens, at, now) >= self.burst]
+            for k in full:
+                del self.buckets[k]
+        return len(full)
 
     def forget(self, key: str) -> None:
-        self.buckets.pop(key, None)
+        with self._lock:
+            self.buckets.pop(key, None)
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self.buckets.pop(key, default)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self.buckets), self.max_keys, self.hits, self.misses, self.evictions)

@@ -16,6 +16,7 @@ from typing import Any
 from affectkit.errors import ConfigError
 from affectkit.serve.access import TokenBucket
 from affectkit.serve.batcher import Batcher
+from affectkit.serve.bounded import BoundsCollector, service_caches
 from affectkit.serve.metrics import Metrics
 from affectkit.serve.sessions import Item, SessionPool
 from affectkit.serve.store import Store
@@ -165,7 +166,8 @@ class Service:
         self.frames = TokenBucket(settings.rate_per_s, settings.rate_burst)
         self.creations = TokenBucket(settings.create_per_min / 60, settings.create_burst)
         self.connects = TokenBucket(settings.connect_per_min / 60, settings.connect_burst)
-        self.connections: dict[str, set[Any]] = {}
+        self.connections: dict[str, set[Any]] = {}  # open ones only: emptied sets are removed
+        self.metrics.registry.register(BoundsCollector(lambda: service_caches(self)))
 
     def _on_batch(self, size: int, seconds: float) -> None:
         m = self.metrics
@@ -193,6 +195,8 @@ class Service:
         while True:
             await asyncio.sleep(self.settings.sweep_every_s)
             await self.batcher.run_sync(self.pool.sweep)
+            for buckets in (self.frames, self.creations, self.connects):
+                buckets.prune()  # a refilled bucket is the same as none
             await self.retention()
             self.metrics.sessions_live.set(len(self.pool.live))
 

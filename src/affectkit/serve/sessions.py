@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from affectkit.cache import CacheStats
 from affectkit.errors import AffectkitError, DataError
 from affectkit.serve.store import Record, Store
 from affectkit.stream import Prediction, Stream, push_batch
@@ -135,6 +136,7 @@ class SessionPool:
         self.engine_batch = engine_batch
         self.live: OrderedDict[str, Live] = OrderedDict()
         self.rebuilt = 0
+        self.hits = self.evicted = 0  # lookups that found the session live; sessions evicted (idle or over max_live)
         self._rebuilds_running = 0
         self._changed: set[str] = set()  # sessions appended to or dropped while a rebuild ran
         self._fresh: OrderedDict[str, None] = OrderedDict()  # created here, never opened: their log is empty
@@ -165,6 +167,8 @@ class SessionPool:
             job.live.stream.prefill(job.log)
             _check_replay(session_id, job)
             live = self._install(session_id, job)
+        else:
+            self.hits += 1
         self.live.move_to_end(session_id)
         live.used = time.monotonic()
         return live
@@ -269,11 +273,17 @@ class SessionPool:
         old = [k for k, v in self.live.items() if now - v.used >= self.idle_s]
         for k in old:
             del self.live[k]
+        self.evicted += len(old)
         return len(old)
 
     def _cap(self) -> None:
         while len(self.live) > self.max_live:
             self.live.popitem(last=False)
+            self.evicted += 1
+
+    def stats(self) -> CacheStats:
+        """The live sessions as a cache: held, limit, lookups found live, rebuilds, evictions."""
+        return CacheStats(len(self.live), self.max_live, self.hits, self.rebuilt, self.evicted)
 
     def position(self, session_id: str) -> tuple[int, list[str]]:
         """(next position, participants) of a session, rebuilding it if needed."""
