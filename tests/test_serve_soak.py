@@ -19,8 +19,8 @@ from affectkit.cache import LRUCache, lru_stats  # noqa: E402
 from affectkit.graph import _slot_tables  # noqa: E402
 from affectkit.models import build_model  # noqa: E402
 from affectkit.models.corect import _newest_edges  # noqa: E402
-from affectkit.serve.app import ServeSettings, Service, create_app  # noqa: E402
 from affectkit.serve.access import TokenBucket  # noqa: E402
+from affectkit.serve.app import ServeSettings, Service, create_app  # noqa: E402
 from affectkit.serve.sessions import Item  # noqa: E402
 
 SMALL = {"hidden": 8, "text_ff": 16, "text_layers": 1, "text_heads": 2, "graph_heads": 2, "wp": 3, "wf": 0,
