@@ -28,15 +28,13 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import select
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from server_proc import ServeProcess  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -157,33 +155,10 @@ def stages(folder: Path, script: list[dict], checkpoint: Path, compare_full: boo
     return out
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, checkpoint: Path, store: Path, asr_threads: int, asr_batch: int) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
-             str(store), "--threads", "1", "--asr-threads", str(asr_threads), "--asr-batch", str(asr_batch)],
-            stdout=subprocess.PIPE, text=True,
-            env=env)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
-        m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
-        if not m:
-            self.stop()
-            raise SystemExit("the server did not start")
-        self.url = m.group(1)
-
-    def cpu(self) -> float:
-        """User + system CPU seconds of the server so far (from /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(checkpoint, store, ["--threads", "1", "--asr-threads", str(asr_threads),
+                                             "--asr-batch", str(asr_batch)])
 
 
 async def participant(ws_url: str, speaker: str, pcm: bytes, turns: list[dict], results: list, t0: float,

@@ -30,16 +30,13 @@ import asyncio
 import json
 import os
 import random
-import re
-import select
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from server_proc import ServeProcess  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("well I really think that we should talk about what happened yesterday at the office because it "
@@ -68,29 +65,11 @@ SETUP = ["--create-burst", "200", "--api-key", KEY]  # the bench's sessions are 
 HEADERS = {"X-API-Key": KEY}
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, checkpoint: Path, store: Path, max_batch: int, threads: int | None,
                  args: tuple[str, ...] = ()) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         extra = ["--threads", str(threads)] if threads else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
-             str(store), "--max-batch", str(max_batch), *SETUP, *extra, *args], stdout=subprocess.PIPE, text=True,
-            env=env)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
-        m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
-        if not m:
-            self.stop()
-            raise SystemExit("the server did not start")
-        self.url = m.group(1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(checkpoint, store, ["--max-batch", str(max_batch), *SETUP, *extra, *args])
 
 
 def sentence(rng: random.Random) -> str:

@@ -28,12 +28,12 @@ import json
 import os
 import random
 import re
-import select
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from server_proc import ServeProcess  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("well I really think that we should talk about what happened yesterday at the office because it "
@@ -75,28 +75,10 @@ def make_finetuned_encoder(folder: Path) -> Path:
     return folder / "enc"
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, checkpoint: Path, store: Path, idle_evict: float) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "affectkit.cli", "-q", "serve", str(checkpoint), "--port", "0", "--store",
-             str(store), "--threads", "1", "--idle-evict", str(idle_evict)], stdout=subprocess.PIPE, text=True,
-            env=env)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
-        m = re.search(r"serving on (http://[\d.]+:\d+)", self.proc.stdout.readline() if ready else "")
-        if not m:
-            self.stop()
-            raise SystemExit("the server did not start")
-        self.url = m.group(1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(checkpoint, store, ["--threads", "1", "--idle-evict", str(idle_evict)],
+                         env={"OMP_NUM_THREADS": "1"})
 
 
 def store_bytes(store: Path) -> int:
