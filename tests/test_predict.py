@@ -157,3 +157,38 @@ def test_offline_per_dialogue_speakers_take_any_names(imported, tmp_path):
     import_table(crowd, tmp_path / "crowd.pkl", embed=fake_embed)
     with pytest.raises(DataError, match="dialogue 'big' has 30 speakers; this model has 24 speaker slots"):
         predict_checkpoint(imported["per_dialogue"], tmp_path / "crowd.pkl", device="cpu")
+
+
+def test_raw_prosody_gets_the_checkpoints_standardiser(imported, tmp_path):
+    """An unlabelled import keeps raw prosody (no train split to fit on): predict applies the checkpoint's
+    standardiser, as live audio does, and refuses a file standardised with other statistics."""
+    pytest.importorskip("opensmile")
+    from affectkit.audio.prosody import DIM, Standardiser
+
+    raw = pickle.loads(imported["data"].read_bytes())
+    rng = np.random.default_rng(0)
+    for split in ("train", "dev", "test"):
+        for d in raw[split]:
+            d["audio"] = (rng.standard_normal((len(d["sentence"]), DIM)) * 50 + 100).astype(np.float32)
+    train_rows = np.concatenate([d["audio"] for d in raw["train"]])
+    norm = Standardiser.fit(train_rows)
+    standardised = pickle.loads(pickle.dumps(raw))
+    for split in ("train", "dev", "test"):
+        for d in standardised[split]:
+            d["audio"] = norm(d["audio"])
+    standardised["meta"]["audio_features"] = norm.to_meta()
+    (tmp_path / "std.pkl").write_bytes(pickle.dumps(standardised))
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps(raw))  # no meta audio_features: raw numbers
+    ckpt = train(load_config(ROOT / "configs" / "corect_custom.yaml", [
+        *TINY, "model.modalities=[text,audio]", f"out_dir={tmp_path / 'a'}"]),
+        data_path=tmp_path / "std.pkl").run_dir / "best.pt"
+    assert load_model(ckpt)[2]["audio_features"] == norm.to_meta()
+    _, want = predict_checkpoint(ckpt, tmp_path / "std.pkl", device="cpu")
+    _, got = predict_checkpoint(ckpt, tmp_path / "raw.pkl", device="cpu")
+    assert [r.label for r in got] == [r.label for r in want]
+    np.testing.assert_allclose([r.probs for r in got], [r.probs for r in want], atol=1e-5)
+    other = pickle.loads(pickle.dumps(standardised))
+    other["meta"]["audio_features"] = Standardiser.fit(train_rows[:5]).to_meta()
+    (tmp_path / "other.pkl").write_bytes(pickle.dumps(other))
+    with pytest.raises(DataError, match="standardised with other statistics than the checkpoint's"):
+        predict_checkpoint(ckpt, tmp_path / "other.pkl", device="cpu")

@@ -69,6 +69,27 @@ def _check_features(data: ConversationData, info: dict[str, Any], data_path: str
                               f"vectors of {name(ours)}; import with --encoder matching the checkpoint")
 
 
+def _match_audio_transform(data: ConversationData, info: dict[str, Any], data_path: str | Path) -> None:
+    """Prosody as the checkpoint was trained on it: a file of raw prosody numbers (an unlabelled import has
+    no train split to fit a standardiser on) gets the checkpoint's standardiser, as live audio does; a file
+    standardised with other statistics is refused (its numbers mean something else to this model)."""
+    trained = info.get("audio_features")
+    if "audio" not in data.kept or not isinstance(trained, dict):
+        return
+    have = data.meta.get("audio_features")
+    if have is None:
+        from affectkit.audio.prosody import Standardiser
+
+        norm = Standardiser.from_meta(trained)
+        if norm is not None:
+            for split in SPLITS:
+                for d in data.splits[split]:
+                    d.features["audio"] = norm(d.features["audio"])
+    elif have != trained:
+        raise DataError(f"{data_path}: its audio features were standardised with other statistics than the "
+                        "checkpoint's; import the audio again without a train split (raw prosody) to predict")
+
+
 def _first_appearance(data: ConversationData, n_slots: int) -> None:
     """``per_dialogue`` models on whole dialogues: speaker indices renumbered 0, 1, ... by first appearance
     (what the model does itself), refusing a dialogue with more speakers than the model has slots."""
@@ -140,6 +161,7 @@ def predict_checkpoint(checkpoint: str | Path, data_path: str | Path, splits: Se
     data = load_conversations(data_path, list(info["dims"]), classes=info["label_names"],
                               speakers=None if per_dialogue else info["speakers"], labelled=False)
     _check_features(data, info, data_path)
+    _match_audio_transform(data, info, data_path)
     names = [str(n) for n in info["label_names"]]
     causal = bool(getattr(mcfg, "causal", False)) and getattr(mcfg, "wf", 1) == 0
     who = {s: [[data.speakers[int(i)] for i in d.speakers] for d in data.splits[s]] for s in SPLITS}
