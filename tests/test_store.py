@@ -1,0 +1,118 @@
+"""The durable log (``affectkit.serve.store``) on its own: sessions, utterances and their speech data round
+trip exactly; caps, deletes and retention leave nothing behind; models are recorded once."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from affectkit.serve.store import Record, SessionRow, Store, token_digest
+
+IDENTITY = {"hash": "h1", "dims": {"text": 3}, "labels": ["a", "b"], "text_encoder": "minilm"}
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    s = Store(tmp_path / "log.db")
+    yield s
+    s.close()
+
+
+def _rec(sid: str, pos: int, created: float | None = None, **kw) -> Record:
+    feats = {"text": np.array([pos, 0.5, -1.25], np.float32), "audio": np.arange(4, dtype=np.float32) + pos}
+    return Record(sid, pos, kw.get("speaker", "Ann"), kw.get("text", f"line {pos}"), feats, "b", [0.25, 0.75],
+                  12.3456, time.time() if created is None else created)
+
+
+def test_a_session_round_trips(store):
+    row = store.create_session("sess-0001", "tok", "h1")
+    assert row == store.session("sess-0001")
+    assert (row.id, row.token_sha256, row.model) == ("sess-0001", token_digest("tok"), "h1")
+    assert token_digest("tok") == hashlib.sha256(b"tok").hexdigest() and len(token_digest("tok")) == 64
+    assert store.session("nope") is None and store.count_sessions() == 1
+
+
+def test_the_session_cap_writes_nothing(store):
+    assert store.create_session("s1", "t", max_sessions=2) is not None
+    assert store.create_session("s2", "t", max_sessions=2) is not None
+    assert store.create_session("s3", "t", max_sessions=2) is None
+    assert store.session("s3") is None and store.count_sessions() == 2
+    assert store.create_session("s3", "t") is not None  # no cap: accepted
+
+
+def test_utterances_and_speech_round_trip_exactly(store):
+    store.create_session("s1", "t")
+    recs = [_rec("s1", 0), _rec("s1", 1, speaker="Bob", text=None)]
+    store.append(recs)
+    back = list(store.records("s1"))
+    assert len(back) == 2 and store.count_utterances() == 2
+    for a, b in zip(recs, back):
+        assert (a.session, a.position, a.speaker, a.text, a.label, list(a.probs), a.latency_ms, a.created) == \
+               (b.session, b.position, b.speaker, b.text, b.label, list(b.probs), b.latency_ms, b.created)
+        assert set(b.features) == {"text", "audio"}
+        for m in a.features:
+            assert b.features[m].dtype == np.float32 and np.array_equal(a.features[m], b.features[m])
+    assert back[1].public() == {"position": 1, "speaker": "Bob", "text": None, "label": "b", "probs": [0.25, 0.75],
+                                "latency_ms": 12.346, "time": recs[1].created}
+    prosody = np.linspace(-1, 1, 88, dtype=np.float32)
+    store.append_audio("s1", 1, {"start": 1.5, "end": 2.25, "confidence": 0.9}, prosody, pcm=b"\x00\x01" * 10)
+    store.append_audio("s1", 0, {"start": 0.0, "end": 1.0}, prosody * 2)
+    audio = store.audio("s1")
+    assert list(audio) == [0, 1]
+    assert audio[1]["start"] == 1.5 and audio[1]["end"] == 2.25 and audio[1]["confidence"] == 0.9
+    assert audio[1]["audio_bytes"] == 20 and audio[0]["audio_bytes"] == 0
+    assert np.array_equal(np.array(audio[1]["prosody"], np.float32), prosody)
+    assert np.array_equal(np.array(audio[0]["prosody"], np.float32), prosody * 2)
+    row, t_recs, t_audio = store.transcript("s1")
+    assert row == store.session("s1") and [r.position for r in t_recs] == [0, 1] and t_audio == audio
+    assert store.transcript("nope") is None
+
+
+def test_delete_takes_the_log_and_the_speech_with_it(store):
+    for sid in ("s1", "s2"):
+        store.create_session(sid, "t")
+        store.append([_rec(sid, 0), _rec(sid, 1)])
+        store.append_audio(sid, 0, {"start": 0.0}, np.zeros(88, np.float32))
+    assert store.delete_session("s1") is True and store.delete_session("s1") is False
+    assert store.session("s1") is None and list(store.records("s1")) == [] and store.audio("s1") == {}
+    assert store.count_sessions() == 1 and store.count_utterances() == 2 and len(store.audio("s2")) == 1
+    assert store.integrity() == "ok"
+
+
+def test_retention_deletes_only_sessions_idle_since_the_cutoff(store):
+    now = time.time()
+    store.create_session("idle", "t")
+    store.append([_rec("idle", 0, created=now - 100)])
+    store.create_session("busy", "t")
+    store.append([_rec("busy", 0, created=now - 100), _rec("busy", 1, created=now + 100)])
+    store.create_session("empty", "t")
+    store.append_audio("idle", 0, {"start": 0.0}, np.zeros(88, np.float32))
+    assert sorted(store.expire(now + 50)) == ["empty", "idle"]
+    assert store.session("busy") is not None and store.session("idle") is None and store.audio("idle") == {}
+    assert store.count_utterances() == 2 and store.expire(now + 50) == []
+    assert store.expire(now - 1e6) == []  # nothing created that long ago
+
+
+def test_models_are_recorded_once_and_sessions_counted_by_model(store):
+    assert store.model("h1") is None
+    store.register_model(IDENTITY)
+    store.register_model({**IDENTITY, "labels": ["x"]})  # known already: kept as first recorded
+    assert store.model("h1") == IDENTITY
+    store.create_session("s1", "t", "h1")
+    store.create_session("s2", "t", "h2")
+    store.create_session("s3", "t")  # logged before models were recorded
+    assert store.sessions_of_other_models("h1") == 2 and store.sessions_of_other_models("h2") == 2
+    assert store.model(None) is None
+
+
+def test_size_grows_with_the_log_and_the_file_is_sound(store):
+    before = store.size_bytes()
+    assert before > 0
+    store.create_session("s1", "t")
+    store.append([_rec("s1", p) for p in range(200)])
+    assert store.size_bytes() > before + 200 * 12
+    assert store.durability() == {"journal_mode": "wal", "synchronous": "FULL"}
+    assert isinstance(store.session("s1"), SessionRow)
