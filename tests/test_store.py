@@ -116,3 +116,17 @@ def test_size_grows_with_the_log_and_the_file_is_sound(store):
     assert store.size_bytes() > before + 200 * 12
     assert store.durability() == {"journal_mode": "wal", "synchronous": "FULL"}
     assert isinstance(store.session("s1"), SessionRow)
+
+
+def test_durability_names_every_setting(store):
+    """What ``durability()`` reports is SQLite's own reading, by name (OFF and EXTRA set behind its back)."""
+    for value, name in ((0, "OFF"), (1, "NORMAL"), (2, "FULL"), (3, "EXTRA")):
+        store._db.execute(f"PRAGMA synchronous={value}")
+        assert store.durability() == {"journal_mode": "wal", "synchronous": name}
+
+
+def test_prosody_is_kept_as_float32_whatever_it_came_as(store):
+    store.create_session("s1", "t")
+    prosody = np.linspace(0, 1, 88)  # float64
+    store.append_audio("s1", 0, {"start": 0.0}, prosody)
+    assert np.array_equal(np.array(store.audio("s1")[0]["prosody"]), prosody.astype(np.float32))

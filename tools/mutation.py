@@ -125,6 +125,8 @@ def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
     survivors, equiv = [], []
     for key, code in sorted(ours.items()):
         status = STATUS.get(code, "suspicious")
+        if status == "survived" and key not in equivalent and sql_case_only(t, key):
+            equivalent[key] = "an SQL statement in other letter case: SQL keywords and identifiers ignore case"
         if key in equivalent and status != "killed":
             equiv.append(key)
             status = "equivalent"
@@ -136,6 +138,19 @@ def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
     return {"target": t.name, "module": t.module, "functions": list(t.functions) or "all", "mutants": len(ours),
             "counts": counts, "killed": killed, "scored": scored, "score": killed / scored if scored else None,
             "survivors": survivors, "equivalent": equiv, "unchecked": counts.get("not checked", 0)}
+
+
+SQL_WORDS = ("SELECT", "INSERT", "DELETE", "UPDATE", "BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "CREATE")
+
+
+def sql_case_only(t: Target, key: str) -> bool:
+    """Whether mutant ``key`` only changes the letter case of an SQL statement (asked of ``mutmut show``)."""
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=SCRATCH / t.name,
+                           capture_output=True, text=True, check=False).stdout.splitlines()
+    old = [ln[1:] for ln in shown if ln.startswith("-") and not ln.startswith("---")]
+    new = [ln[1:] for ln in shown if ln.startswith("+") and not ln.startswith("+++")]
+    return (len(old) == len(new) >= 1 and all(a != b and a.lower() == b.lower() for a, b in zip(old, new))
+            and any(w in a.upper() for a in old for w in SQL_WORDS))
 
 
 def report(rows: list[dict[str, object]], equivalent: dict[str, str]) -> str:
