@@ -117,3 +117,36 @@ def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
         read = {int(r.slot_pos[0, s]) for s in range(16) if bool(stored[q, s])}
         assert read == {0, 1, 2}
         assert own[q].tolist() == [j <= q for j in range(3)]
+
+
+def _corect(**over):
+    from affectkit.models import build_model
+
+    params = {"hidden": 8, "text_ff": 16, "text_layers": 2, "text_heads": 2, "graph_heads": 1, "pcm_heads": 1,
+              "wp": 3, "wf": 0, "causal": True, "context": 4, "modalities": ["text", "audio"], **over}
+    info = {"dims": {"text": 4, "audio": 3}, "n_classes": 2, "label_names": ["a", "b"], "n_speakers": 2}
+    return build_model("corect", params, info)
+
+
+def test_state_reach_by_hand():
+    """How far back a state's rows look: (context - 1) per banded attention layer on the longest path (text
+    stack, then P-CM's cross and self layers), plus the graph's wp; None without a window if anything attends."""
+    m = _corect()
+    cfg = m.cfg
+    text = cfg.text_layers * 3 if m.text_context is not None else 0
+    pcm = (cfg.pcm_layers + cfg.pcm_self_layers) * 3
+    assert m.pcm is not None and m.state_reach() == text + pcm + 3
+    assert _corect(use_pcm=False).state_reach() == text + 3
+    assert _corect(use_pcm=False, use_gnn=False).state_reach() == text
+    assert _corect(use_gnn=False, context=1).state_reach() == 0
+    assert _corect(context=None).state_reach() is None
+    assert _corect(context=None, modalities=["audio"]).state_reach() == 3  # nothing attends: the graph alone
+
+
+def test_first_appearance_slots_by_hand():
+    from affectkit.models.corect import first_appearance_slots
+
+    speakers = torch.tensor([[2, 0, 2, 1, 0], [1, 1, 0, 0, 0]])
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    got = first_appearance_slots(speakers, valid, 3)
+    assert got.tolist() == [[0, 1, 0, 2, 1], [0, 0, 1, 0, 0]]  # padding gets 0

@@ -64,7 +64,7 @@ TARGETS: tuple[Target, ...] = (
     Target("steps", "affectkit.models.steps",
            ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
     Target("corect_causal", "affectkit.models.corect",
-           ("tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
            ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges",
             "xǁCorectǁinit_state", "xǁCorectǁstate_reach", "xǁCorectǁ_check_step")),
     Target("attention_causal", "affectkit.models.attention",
