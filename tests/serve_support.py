@@ -25,6 +25,13 @@ from affectkit.train import train
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 
+#: The tiny text-only causal model of the in-process service tests (its info and build parameters).
+DIM = 8
+INFO = {"dims": {"text": DIM}, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
+        "speakers": ["F", "M"]}
+SMALL = {"hidden": 8, "text_ff": 16, "text_layers": 1, "text_heads": 2, "graph_heads": 2, "wp": 3, "wf": 0,
+         "causal": True, "modalities": ["text"]}
+
 
 def data_root() -> Path:
     """Real data: $AFFECTKIT_DATA, else ``../shared/data`` beside the repository."""

@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from serve_support import DIM, INFO, SMALL  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
@@ -27,12 +28,6 @@ from affectkit.serve.batcher import Batcher, Overloaded  # noqa: E402
 from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers, speaker_tag  # noqa: E402
 from affectkit.serve.store import Record, Store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
-
-DIM = 8
-INFO = {"dims": {"text": DIM}, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
-        "speakers": ["F", "M"]}
-SMALL = {"hidden": 8, "text_ff": 16, "text_layers": 1, "text_heads": 2, "graph_heads": 2, "wp": 3, "wf": 0,
-         "causal": True, "modalities": ["text"]}
 
 
 def embed(sentences: list[str]) -> np.ndarray:

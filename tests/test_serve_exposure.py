@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+from serve_support import DIM, INFO, SMALL  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
@@ -25,11 +26,6 @@ from affectkit.serve.sessions import Item, SessionPool  # noqa: E402
 from affectkit.serve.store import Record, Store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
 
-DIM = 8
-INFO = {"dims": {"text": DIM}, "n_classes": 4, "label_names": ["hap", "sad", "neu", "ang"], "n_speakers": 2,
-        "speakers": ["F", "M"]}
-SMALL = {"hidden": 8, "text_ff": 16, "text_layers": 1, "text_heads": 2, "graph_heads": 2, "wp": 3, "wf": 0,
-         "causal": True, "modalities": ["text"]}
 KEY = "operator-key-0123456789"
 
 
