@@ -123,3 +123,16 @@ class ServerProcess:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+
+
+def open_session_page(page: Any, url: str) -> list[str]:
+    """Load the browser view at ``url`` in a Playwright ``page`` and open a new session; returns the list that
+    collects the page's script errors and console errors (a test asserts it stays empty)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/")
+    page.wait_for_selector('body[data-state="idle"]')
+    page.click("#new")
+    page.wait_for_selector('body[data-state="ready"]')
+    return errors

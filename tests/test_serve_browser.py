@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
-from serve_support import fake_embed, thread_server  # noqa: E402
+from serve_support import fake_embed, open_session_page, thread_server  # noqa: E402
 
 from affectkit.models import build_model  # noqa: E402
 from affectkit.serve.app import ServeSettings, create_app  # noqa: E402
@@ -41,13 +41,7 @@ def test_live_view_in_chromium(tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(url + "/")
-            page.wait_for_selector('body[data-state="idle"]')
-            page.click("#new")
-            page.wait_for_selector('body[data-state="ready"]')
+            errors = open_session_page(page, url)
             for k, (speaker, text) in enumerate(CONVERSATION):
                 page.fill("#speaker", speaker)
                 page.fill("#text", text)

@@ -20,7 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed (.ci/run installs it)", allow_module_level=True)
 from audio_support import layout  # noqa: E402
-from serve_support import fake_embed, thread_server  # noqa: E402
+from serve_support import fake_embed, open_session_page, thread_server  # noqa: E402
 from test_serve_browser import ARGS, CHROMIUM, INFO  # noqa: E402
 
 from affectkit.audio.frontend import word_errors  # noqa: E402
@@ -53,13 +53,7 @@ def test_microphone_rows_in_chromium(tmp_path):
             context = browser.new_context(viewport={"width": 1280, "height": 760})
             context.grant_permissions(["microphone"], origin=url)
             page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(url + "/")
-            page.wait_for_selector('body[data-state="idle"]')
-            page.click("#new")
-            page.wait_for_selector('body[data-state="ready"]')
+            errors = open_session_page(page, url)
             page.fill("#speaker", "Ana")
             page.click("#mic")
             page.wait_for_selector('#mics .mic[data-speaker="Ana"]')
