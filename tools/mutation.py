@@ -74,7 +74,8 @@ TARGETS: tuple[Target, ...] = (
            select="utterance_input or recipe or future or truncated or past_only or range or last_utterance"),
     Target("store", "affectkit.serve.store", ("tests/test_store.py", "tests/test_serve.py",
                                                "tests/test_serve_exposure.py")),
-    Target("access", "affectkit.serve.access", ("tests/test_serve_exposure.py", "tests/test_serve.py")),
+    Target("access", "affectkit.serve.access", ("tests/test_access.py", "tests/test_serve_exposure.py",
+                                                 "tests/test_serve.py")),
     Target("resume", "affectkit.studies.run", ("tests/test_resume.py",), ("x_is_done",)),
 )
 
