@@ -98,7 +98,7 @@ def test_token_bucket_arithmetic_and_retry_after():
     b.take("b")
     b.take("c")  # a third key: the least recently used ("a") leaves
     assert "a" not in b and len(b) == 2 and b.stats().evictions == 1
-    assert b.stats().limit == 2 and b.limit == 2
+    assert b.stats().limit == 2 and b.max_keys == 2
     zero = TokenBucket(0.0, 1.0)
     assert zero.take("x") == 0.0 and math.isinf(zero.take("x"))
     now[0] = 100.0

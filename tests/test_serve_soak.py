@@ -86,7 +86,7 @@ def test_a_short_soak_keeps_every_cache_within_its_limit(live_encoder):
     up to their limit and never pass it."""
     model = _model(384)
     svc = Service(model, ":memory:", ServeSettings(max_live_sessions=8, max_batch=8))
-    svc.frames.limit = 16
+    svc.frames.max_keys = 16
     cache = svc.base.engine.text_cache()
     assert cache is live_encoder.cache and cache.limit == TEXT_LIMIT
     rng = random.Random(0)

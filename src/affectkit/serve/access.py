@@ -136,14 +136,6 @@ class TokenBucket:
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
-    @property
-    def limit(self) -> int:
-        return self.max_keys
-
-    @limit.setter
-    def limit(self, value: int) -> None:
-        self.max_keys = value
-
     def __len__(self) -> int:
         return len(self.buckets)
 

@@ -178,7 +178,7 @@ class Service:
 
     def allow(self, session_id: str) -> bool:
         """Token bucket per session: False when the session sends frames faster than the limit."""
-        return self.frames.take(session_id) == 0
+        return self.frames.allow(session_id)
 
     def expire(self) -> int:
         """Delete the sessions unused for ``retain_days`` (on the worker: no live state left behind)."""
