@@ -253,7 +253,7 @@ def test_a_session_is_continued_only_by_the_model_that_logged_it(model, tmp_path
 
 def test_a_log_whose_labels_are_not_the_models_is_refused(model):
     store = Store(":memory:")
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed, model="m1")
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed, model="m1")
     store.create_session("session-1", "tok", "m1")
     store.append([Record("session-1", 0, "Ann", None, {"text": np.zeros(DIM, np.float32)}, "joy",
                          [0.1, 0.2, 0.3, 0.4])])
@@ -304,7 +304,7 @@ def test_engine_batching_equals_pushing_each_session(model, monkeypatch):
     out = {}
     for engine_batch in (True, False):
         store = Store(":memory:")
-        pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed, engine_batch=engine_batch)
+        pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed, engine_batch=engine_batch)
         for k in range(4):
             store.create_session(f"s-{k:06d}", "tok")
         calls.clear()

@@ -185,7 +185,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         s.pool.note_created(sid)
         s.metrics.sessions_created.inc()
         return SessionCreated(id=sid, token=token, stream=f"/v1/sessions/{sid}/stream", labels=s.labels,
-                              modalities=s.modalities, dims=s.dims, max_speakers=len(s.tags))
+                              modalities=s.modalities, dims=s.dims, max_speakers=s.max_speakers)
 
     @app.get("/v1/sessions/{session_id}", response_model=Transcript, tags=["sessions"],
              responses={400: {}, 401: {}, 403: {}, 404: {}})

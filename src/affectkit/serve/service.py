@@ -136,13 +136,12 @@ class Service:
                  embed: Any = None) -> None:
         self.settings = settings
         model, info = _load(source)
-        self.base = Stream((model, info), embed=embed)
+        self.base = Stream((model, info), embed=embed, by_arrival=True)
         self.info = info
         self.modalities = list(self.base.modalities)
         self.dims = {m: int(info["dims"][m]) for m in self.modalities}
         self.labels = list(self.base.label_names)
-        tags = info.get("speakers")
-        self.tags = list(tags) if tags else list(range(int(info.get("n_speakers", 1))))
+        self.max_speakers = self.base.engine.n_speakers  # participants a session can have
         self.embed = _text_embedder(self.dims, embed, self.base.engine)
         encoder = _encoder_name(info, embed, {m: int(d) for m, d in info["dims"].items()})
         self.identity = model_identity(model, {**info, "label_names": self.labels}, encoder)
@@ -154,7 +153,7 @@ class Service:
                         "models); they cannot be continued here (their transcripts stay readable)",
                         others, store_path)
         self.other_sessions = others
-        self.pool = SessionPool(self.base, self.store, self.tags, self.embed, settings.idle_evict_s,
+        self.pool = SessionPool(self.base, self.store, self.embed, settings.idle_evict_s,
                                 settings.max_live_sessions, model=self.identity["hash"],
                                 max_utterances=settings.max_utterances,
                                 max_store_bytes=int(settings.max_store_mb * 2**20),
