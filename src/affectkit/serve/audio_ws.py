@@ -90,7 +90,7 @@ class AudioSettings:
 def audio_config(raw: str | None) -> dict[str, Any] | None:
     """The parsed frame if text frame ``raw`` is an audio control frame (``"type": "audio"`` or
     ``"audio_end"``), else None (a text utterance, for the text protocol)."""
-    if raw is None or '"type"' not in raw or len(raw) > 4096:
+    if raw is None or len(raw) > 4096 or '"type"' not in raw:
         return None
     try:
         data = json.loads(raw)
