@@ -5,6 +5,8 @@ needs (a fixed window keeps its own capacity)."""
 from __future__ import annotations
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from affectkit.models.steps import Ring, StepState, _grown
 
@@ -27,6 +29,14 @@ def _stored(r: Ring, key: str = "k", i: int = 0) -> dict[int, float]:
 def test_grown_doubles_from_sixteen():
     assert [_grown(16, p) for p in (0, 15, 16, 31, 32, 100)] == [16, 16, 32, 32, 64, 128]
     assert _grown(0, 0) == 16 and _grown(4, 3) == 4
+
+
+@given(st.integers(0, 5000), st.integers(0, 10**6))
+def test_grown_equals_doubling_until_the_position_fits(capacity, pos):
+    want = capacity
+    while want <= pos:
+        want = max(16, 2 * want)
+    assert _grown(capacity, pos) == want
 
 
 def test_stack_of_one_state_is_that_state():
