@@ -119,7 +119,7 @@ def test_a_short_soak_keeps_every_cache_within_its_limit(live_encoder):
                 if rng.random() < 0.4:
                     svc.pool.drop(sid)
                     svc.store.delete_session(sid)
-                    svc.frames.pop(sid)
+                    svc.frames.forget(sid)
                     deleted += 1
                 else:
                     abandoned.append(sid)
