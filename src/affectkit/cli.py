@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a causal CORECT checkpoint (best.pt)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
-    s.add_argument("--store", default="affectkit-sessions.db", help="SQLite log of sessions (default %(default)s)")
+    s.add_argument("--store", default="affectkit-sessions.db", help="log of sessions: a SQLite file (default %(default)s) or "
+                   "postgresql://user@host:port/dbname, shared by several replicas")
     s.add_argument("--max-batch", type=int, default=32, help="utterances per batch; 1 turns batching off")
     s.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait this long to fill a batch")
     s.add_argument("--max-queue", type=int, default=256,
