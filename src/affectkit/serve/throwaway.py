@@ -165,10 +165,15 @@ class LocalHAProxy:
             raise RuntimeError(f"haproxy -c: {(check.stderr or check.stdout).strip()[-800:]}")
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.log = self.root / "haproxy.log"
+        with open(self.log, "w") as log:  # a file, not a pipe nobody reads (a full pipe would stall it)
+            self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=log)
         try:
             _wait_port(port, 30, self.proc)
+        except RuntimeError as exc:
+            err = self.log.read_text()[-800:]
+            self.stop()
+            raise RuntimeError(f"haproxy: {exc} {err}".strip()) from None
         except BaseException:
             self.stop()
             raise
@@ -181,8 +186,6 @@ class LocalHAProxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LocalHAProxy:
