@@ -3,18 +3,20 @@
 Three parts, one run, each side by side:
 1. **1 vs 2 replicas through the balancer**: the maximum sustained throughput (p99 < 250 ms, no errors,
    nothing lost) of the load of ``bench/serve.py`` (N sessions sending raw sentences, open loop) through
-   HAProxy with the sample ``examples/haproxy.cfg`` in front of one replica, then of two (each replica
-   ``--threads 1``; a fresh database for each).  The load generator runs on the same machine.
+   HAProxy with the sample ``examples/haproxy.cfg`` in front of one replica and in front of two (each replica
+   ``--threads 1``; a database each).  Both setups are up at once and take turns at every rate step (the order
+   alternating), so a change of the machine's load hits both.  The load generator runs on the same machine.
 2. **The log's cost per acknowledged utterance, on its own**: ``append`` of batches of 1, 8 and 32 utterances
    (384-d features, one transaction each, committed before it returns) into SQLite (WAL, ``synchronous=FULL``)
-   and into PostgreSQL (``synchronous_commit=on``, ``fsync=on``): wall time per batch and per utterance.
+   and into PostgreSQL (``synchronous_commit=on``, ``fsync=on``), alternating batch by batch: wall time per
+   batch and per utterance.
 3. **The same through the service**: one replica, no balancer, SQLite vs PostgreSQL, at a fixed load:
    p50/p99 latency and the replica's CPU per answered utterance.
 
 PostgreSQL is a throw-away cluster (``initdb`` in a temporary folder, 127.0.0.1, fsync on); every process is
 stopped at the end.
 
-    python bench/replicas.py                          # the full run (about 6 minutes)
+    python bench/replicas.py                          # the full run (about 10 minutes)
     python bench/replicas.py --rates 1 2 --step-duration 4 --fixed-duration 5   # a quick look
 """
 
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serve import HEADERS, SETUP, load, make_checkpoint, max_sustained, show  # noqa: E402 (bench/ on sys.path)
+from serve import HEADERS, SETUP, load, make_checkpoint, show  # noqa: E402 (bench/ on sys.path)
 from server_proc import ServeProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,27 +58,64 @@ def replicas(ckpt: Path, store: str, n: int, threads: int) -> list[ServeProcess]
     return out
 
 
-def balanced(ckpt: Path, pg: LocalPostgres, n: int, args: argparse.Namespace, tag: str) -> dict | None:
-    """Part 1 for ``n`` replicas: the maximum sustained throughput through HAProxy."""
-    url = pg.create_database(f"scale_{tag}_{n}")
-    servers = replicas(ckpt, url, n, args.threads)
-    port = free_port()
-    cfg = haproxy_config((ROOT / "examples" / "haproxy.cfg").read_text(), port,
-                         [int(s.url.rsplit(":", 1)[1]) for s in servers])
-    lb = LocalHAProxy(cfg, port)
-    try:
-        time.sleep(1.5)  # health checks: rise 2 x 500 ms
-        asyncio.run(load(lb.url, 4, 2, 2))  # warm up
-        cpu0 = [s.cpu() for s in servers]
-        best = max_sustained(lb.url, args.sessions, args.rates, args.step_duration, args.p99_ms,
-                             f"{n} replica{'s' if n > 1 else ''}")
-        if best is not None:
-            best["replica_cpu_s"] = [round(s.cpu() - c, 1) for s, c in zip(servers, cpu0)]
-        return best
-    finally:
-        lb.stop()
-        for s in servers:
+class Balanced:
+    """``n`` replicas on a fresh database behind HAProxy (the sample configuration)."""
+
+    def __init__(self, ckpt: Path, pg: LocalPostgres, n: int, threads: int) -> None:
+        self.n = n
+        self.servers = replicas(ckpt, pg.create_database(f"scale_{n}"), n, threads)
+        port = free_port()
+        cfg = haproxy_config((ROOT / "examples" / "haproxy.cfg").read_text(), port,
+                             [int(s.url.rsplit(":", 1)[1]) for s in self.servers])
+        try:
+            self.lb = LocalHAProxy(cfg, port)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.lb.url
+
+    def cpu(self) -> list[float]:
+        return [s.cpu() for s in self.servers]
+
+    def stop(self) -> None:
+        if hasattr(self, "lb"):
+            self.lb.stop()
+        for s in self.servers:
             s.stop()
+
+
+def side_by_side(ckpt: Path, pg: LocalPostgres, args: argparse.Namespace) -> dict:
+    """Part 1: 1 and 2 replicas up at once; at each rate step both run (in alternating order), until both fail."""
+    setups = [Balanced(ckpt, pg, 1, args.threads)]
+    try:
+        setups.append(Balanced(ckpt, pg, 2, args.threads))
+        time.sleep(1.5)  # health checks: rise 2 x 500 ms
+        for b in setups:
+            asyncio.run(load(b.url, 4, 2, 2))  # warm up
+        best: dict[int, dict | None] = {1: None, 2: None}
+        failed: set[int] = set()
+        cpu0 = {b.n: b.cpu() for b in setups}
+        for k, rate in enumerate(args.rates):
+            for b in (setups if k % 2 == 0 else setups[::-1]):
+                if b.n in failed:
+                    continue
+                r = asyncio.run(load(b.url, args.sessions, rate, args.step_duration))
+                ok = r["p99_ms"] < args.p99_ms and r["errors"] == 0 and r["lost"] == 0
+                r["load"] = os.getloadavg()[0]
+                show(f"{b.n} replica{'s' if b.n > 1 else ''} {'ok' if ok else 'FAIL'} (load {r['load']:.1f})", r)
+                if ok:
+                    best[b.n] = r
+                else:
+                    failed.add(b.n)
+            if len(failed) == 2:
+                break
+        for b in setups:
+            if best[b.n] is not None:
+                best[b.n]["replica_cpu_s"] = [round(c - c0, 1) for c, c0 in zip(b.cpu(), cpu0[b.n])]
+        return {"one_replica": best[1], "two_replicas": best[2]}
+    finally:
+        for b in setups:
+            b.stop()
 
 
 def _record(session: str, position: int, rng: np.random.Generator) -> Record:
@@ -84,27 +123,35 @@ def _record(session: str, position: int, rng: np.random.Generator) -> Record:
         "text": rng.standard_normal(384).astype(np.float32)}, "neu", [1 / 6] * 6, 12.5)
 
 
-def store_cost(target: str, batches: int, size: int) -> dict:
-    """Part 2: ``batches`` appends of ``size`` utterances (each over its own session's next positions)."""
+def store_cost(targets: dict[str, str], batches: int, size: int) -> list[dict]:
+    """Part 2: ``batches`` appends of ``size`` utterances (each over its own session's next positions) into each
+    backend, alternating backends batch by batch (side by side under the same load)."""
     rng = np.random.default_rng(0)
-    store = open_store(target)
+    stores = {name: open_store(t) for name, t in targets.items()}
+    times: dict[str, list[float]] = {name: [] for name in stores}
+    cpu: dict[str, float] = {name: 0.0 for name in stores}
     try:
         sessions = [f"s{k}" for k in range(size)]
-        for sid in sessions:
-            store.create_session(sid, "t")
-        times, cpu0 = [], time.process_time()
+        for store in stores.values():
+            for sid in sessions:
+                store.create_session(sid, "t")
         for b in range(batches):
             recs = [_record(sid, b, rng) for sid in sessions]
-            t = time.perf_counter()
-            store.append(recs)
-            times.append(time.perf_counter() - t)
-        cpu = time.process_time() - cpu0
+            for name in (list(stores) if b % 2 == 0 else list(stores)[::-1]):
+                c, t = time.process_time(), time.perf_counter()
+                stores[name].append(recs)
+                times[name].append(time.perf_counter() - t)
+                cpu[name] += time.process_time() - c
     finally:
-        store.close()
-    ms = np.array(times) * 1000
-    return {"batch": size, "batches": batches, "median_ms": float(np.median(ms)),
-            "p99_ms": float(np.percentile(ms, 99)), "per_utt_ms": float(np.median(ms)) / size,
-            "client_cpu_ms_per_utt": cpu * 1000 / (batches * size)}
+        for store in stores.values():
+            store.close()
+    out = []
+    for name, ts in times.items():
+        ms = np.array(ts) * 1000
+        out.append({"backend": name, "batch": size, "batches": batches, "median_ms": float(np.median(ms)),
+                    "p99_ms": float(np.percentile(ms, 99)), "per_utt_ms": float(np.median(ms)) / size,
+                    "client_cpu_ms_per_utt": cpu[name] * 1000 / (batches * size)})
+    return out
 
 
 def fixed_load(ckpt: Path, store: str, args: argparse.Namespace) -> dict:
@@ -123,8 +170,8 @@ def fixed_load(ckpt: Path, store: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=32)
-    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1, 1.5, 2, 3, 4, 6],
-                   help="per-session rates of part 1, stepped up until p99 fails")
+    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 3, 4, 6, 8, 10, 12, 16],
+                   help="per-session rates of part 1, stepped up until p99 fails (both setups)")
     p.add_argument("--step-duration", type=float, default=10.0)
     p.add_argument("--p99-ms", type=float, default=250.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
@@ -140,9 +187,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LocalPostgres(fsync=True) as pg:
         ckpt = make_checkpoint(Path(tmp))
         if "scale" in args.parts:
-            one = balanced(ckpt, pg, 1, args, "a")
-            two = balanced(ckpt, pg, 2, args, "a")
-            results.update(one_replica=one, two_replicas=two)
+            scale = side_by_side(ckpt, pg, args)
+            results.update(scale)
+            one, two = scale["one_replica"], scale["two_replicas"]
             if one and two:
                 print(f"max sustained through HAProxy at p99 < {args.p99_ms:g} ms: 1 replica {one['throughput']:.1f}/s,"
                       f" 2 replicas {two['throughput']:.1f}/s: {two['throughput'] / one['throughput']:.2f}x "
@@ -152,19 +199,17 @@ def main() -> None:
         if "store" in args.parts:
             rows = []
             for size in (1, 8, 32):
-                for name, target in (("sqlite", str(Path(tmp) / f"cost{size}.db")),
-                                     ("postgresql", pg.create_database(f"cost_{size}"))):
-                    r = store_cost(target, args.batches, size)
-                    r["backend"] = name
-                    rows.append(r)
-                    print(f"append {name:<10} batch {size:>2}: {r['median_ms']:7.3f} ms/batch (p99 {r['p99_ms']:7.3f}),"
-                          f" {r['per_utt_ms']:6.3f} ms per acknowledged utterance; client CPU "
+                pair = store_cost({"sqlite": str(Path(tmp) / f"cost{size}.db"),
+                                   "postgresql": pg.create_database(f"cost_{size}")}, args.batches, size)
+                for r in pair:
+                    print(f"append {r['backend']:<10} batch {size:>2}: {r['median_ms']:7.3f} ms/batch (p99 "
+                          f"{r['p99_ms']:7.3f}), {r['per_utt_ms']:6.3f} ms per acknowledged utterance; client CPU "
                           f"{r['client_cpu_ms_per_utt']:.3f} ms/utt", flush=True)
+                s, g = pair
+                print(f"batch {size:>2}: PostgreSQL/SQLite wall per utterance {g['per_utt_ms'] / s['per_utt_ms']:.2f}x",
+                      flush=True)
+                rows += pair
             results["store"] = rows
-            for size in (1, 8, 32):
-                s, g = (next(r for r in rows if r["backend"] == b and r["batch"] == size)
-                        for b in ("sqlite", "postgresql"))
-                print(f"batch {size:>2}: PostgreSQL/SQLite wall per utterance {g['per_utt_ms'] / s['per_utt_ms']:.2f}x")
         if "service" in args.parts:
             svc = {}
             for name, store in (("sqlite", str(Path(tmp) / "service.db")),
