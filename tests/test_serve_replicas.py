@@ -286,3 +286,22 @@ def test_failover_through_haproxy_after_sigkill(checkpoint, postgres_server, tmp
     pids = [r.proc.pid for r in replicas] + ([balancer.proc.pid] if balancer else [])
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert time.monotonic() - started < 120
+
+
+def test_a_bad_store_url_is_one_line_before_anything_listens(checkpoint):
+    """``affectkit serve --store`` with an unreachable server or an unknown scheme: one line, exit 2, no socket."""
+    import os
+    import subprocess
+    import sys
+
+    from affectkit.serve.throwaway import free_port
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    for store, says in ((f"postgresql://u:secret@127.0.0.1:{free_port()}/db", "cannot use this PostgreSQL database"),
+                        ("mysql://u@127.0.0.1/db", "unknown kind of store")):
+        out = subprocess.run([sys.executable, "-m", "affectkit.cli", "serve", str(checkpoint), "--port", str(port),
+                              "--store", store], capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr[-500:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0] and "secret" not in lines[0], lines
