@@ -101,6 +101,7 @@ async def session(url: str, rate: float, duration: float, seed: int, out: dict, 
                         sent.pop(a.get("id"), None)
                     else:
                         out["latency"].append(time.perf_counter() - sent.pop(a["id"]))
+                        out["server_ms"].append(a["latency_ms"])
                     if not sent and out["done_sending"] >= out["sessions"]:
                         return
 
@@ -124,7 +125,8 @@ async def session(url: str, rate: float, duration: float, seed: int, out: dict, 
 
 
 async def load(url: str, sessions: int, rate: float, duration: float, created: Any = None) -> dict:
-    out = {"latency": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0, "sessions": sessions, "created": 0}
+    out = {"latency": [], "server_ms": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0,
+           "sessions": sessions, "created": 0}
     t0 = time.perf_counter()
     await asyncio.gather(*(session(url, rate, duration, k, out, created) for k in range(sessions)))
     lat = np.array(out["latency"]) * 1000
@@ -132,12 +134,15 @@ async def load(url: str, sessions: int, rate: float, duration: float, created: A
             "answered": len(lat), "throughput": len(lat) / duration, "wall": time.perf_counter() - t0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "server_p50_ms": float(np.percentile(out["server_ms"], 50)) if len(lat) else float("nan"),
+            "server_p99_ms": float(np.percentile(out["server_ms"], 99)) if len(lat) else float("nan"),
             "errors": len(out["errors"]), "error_kinds": sorted(set(out["errors"])), "lost": out["lost"]}
 
 
 def show(name: str, r: dict) -> None:
     print(f"{name:<28} {r['sessions']:>3} x {r['rate']:>4g}/s  offered {r['offered']:>6.1f}/s  "
           f"answered {r['throughput']:>6.1f}/s  p50 {r['p50_ms']:>7.1f} ms  p99 {r['p99_ms']:>7.1f} ms  "
+          f"(server side p50 {r['server_p50_ms']:.1f} p99 {r['server_p99_ms']:.1f})  "
           f"errors {r['errors']} {','.join(r['error_kinds'])}  lost {r['lost']}", flush=True)
 
 
@@ -206,20 +211,24 @@ async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
         await asyncio.gather(flood(), *(junk(s) for s in own[:4]), *(churn(s) for s in own[4:]))
 
 
-def _attack_process(url: str, duration: float, queue: Any, go: Any) -> None:
+def _attack_process(url: str, duration: float, queue: Any, go: Any, cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     attack: dict = {"create": {}, "frames": {}, "reconnects": {}}
     asyncio.run(attacker(url, duration, attack, go))
+    attack["cpu_s"] = time.process_time()  # the attacker's own CPU, which the server's machine paid here
     queue.put(attack)
 
 
-def under_attack(url: str, sessions: int, rate: float, duration: float) -> tuple[dict, dict]:
-    """The target load while the attacker (a process of its own, so its client work does not delay the
-    legitimate clients' event loop) runs from 1 s before to 2 s after it."""
+def under_attack(url: str, sessions: int, rate: float, duration: float,
+                 cpus: set[int] | None = None) -> tuple[dict, dict]:
+    """The target load while the attacker (a process of its own, on ``cpus`` if given, so its client work
+    does not delay the legitimate clients' event loop) runs from 1 s before to 2 s after it."""
     import multiprocessing
 
     queue: Any = multiprocessing.Queue()
     go = multiprocessing.Event()
-    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue, go))
+    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue, go, cpus))
     proc.start()
     try:
         time.sleep(1.0)
@@ -244,7 +253,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--abuse", action="store_true", help="the target load while one client attacks (see above)")
+    p.add_argument("--pin", action="store_true",
+                   help="with --abuse: the attacker alone on the last CPU, the server and the legitimate clients on "
+                        "the others (the attacker's client CPU stands for a remote machine's)")
     args = p.parse_args()
+    attacker_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        attacker_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # the server (a child) inherits it
+        print(f"pinned: attacker on CPU {cpus[-1]}, server and legitimate clients on CPU(s) {cpus[:-1]}")
     print(f"load average before: {os.getloadavg()}", flush=True)
     results: dict = {"load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,15 +274,24 @@ def main() -> None:
             server = Server(ckpt, Path(tmp) / "abuse.db", 32, args.threads, ("--create-burst", burst))
             try:
                 asyncio.run(load(server.url, 4, 2, 2))  # warm up
+                cpu0 = server.cpu()
                 calm = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+                cpu1 = server.cpu()
                 show("legitimate, no attack", calm)
-                legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration)
+                legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration, attacker_cpus)
+                cpu2 = server.cpu()
             finally:
                 server.stop()
+            calm["server_cpu_per_s"] = (cpu1 - cpu0) / calm["wall"]
+            # the attack runs from 1 s before the legitimate load to about 3 s after it
+            legit["server_cpu_per_s"] = (cpu2 - cpu1) / (legit["wall"] + 4)
             results["calm"] = calm
             show("legitimate, under attack", legit)
             print(f"attacker: session creations {attack['create']}; invalid frames answered {attack['frames']}; "
                   f"reconnects {attack['reconnects']}", flush=True)
+            print(f"CPU seconds per second: server {calm['server_cpu_per_s']:.2f} calm, "
+                  f"{legit['server_cpu_per_s']:.2f} under attack; the attacker's own client "
+                  f"{attack['cpu_s'] / (args.duration + 3):.2f} (on the same 2 cores here)", flush=True)
             results.update(legit=legit, attack=attack, load_after=os.getloadavg())
             print(f"load average after: {results['load_after']}")
             if args.json:

@@ -70,10 +70,11 @@ def thread_server(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread on 127.0.0.1 (ephemeral port); yields the base URL."""
     import uvicorn
 
-    from affectkit.serve.run import bind
+    from affectkit.serve.run import bind, uvicorn_config
+    from affectkit.serve.service import ServeSettings
 
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, ws="websockets-sansio"))
+    server = uvicorn.Server(uvicorn_config(app, ServeSettings()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -24,7 +24,7 @@ from affectkit.serve.access import (
 def test_loopback_hosts():
     for host in ("localhost", "127.0.0.1", "127.8.9.10", "::1", "[::1]"):
         assert is_loopback(host), host
-    for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "", "localhost.example"):
+    for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "", "localhost.example", "X127.0.0.1X"):
         assert not is_loopback(host), host
 
 
@@ -58,6 +58,8 @@ def test_operator_key():
     assert api_key_ok("k3y", None, "k3y") and api_key_ok("k3y", "Bearer k3y", None)
     assert not api_key_ok("k3y", None, None) and not api_key_ok("k3y", "Bearer nope", None)
     assert not api_key_ok("k3y", None, "k3y ") and not api_key_ok("k3y", "Bearer k3", "")
+    for key in ("k3y", "XXXX", "-"):  # no key sent never matches, whatever the operator's key is
+        assert not api_key_ok(key, None, None) and not api_key_ok(key, "Basic x", "")
 
 
 @pytest.mark.parametrize(("host", "allowed", "ok"), [
@@ -66,6 +68,9 @@ def test_operator_key():
     ("api.example.com", ["*.example.com"], True), ("example.com", ["*.example.com"], False),
     ("evil.com", ["example.com"], False), ("badexample.com", ["*.example.com"], False),
     ("[::1]:8000", ["::1"], True), ("[::1]", ["[::1]"], True), ("127.0.0.1:8000", ["127.0.0.1"], True),
+    ("::1", ["::1"], True), ("fe80::1", ["fe80::1"], True),  # unbracketed IPv6: no port to take off
+    ("[::1", ["[::1"], True), ("[::1", ["::1"], False),      # an unterminated bracket is kept as it is
+    ("[::1]]", ["::1"], True), ("[::1]:80]", ["[::1]:80]"], False),  # the name ends at the first "]"
     (None, ["example.com"], False), ("", ["example.com"], False), ("example.com", [], False),
 ])
 def test_allowed_hosts(host, allowed, ok):
@@ -79,6 +84,9 @@ def test_allowed_hosts(host, allowed, ok):
     ("https://app.example", "h:1", ["https://app.example"], True),
     ("https://app.example", "h:1", ["https://app.example/"], True),
     ("https://other.example", "h:1", ["https://app.example"], False),
+    ("https://app.example/", "h:1", ["https://app.example"], True),    # a trailing slash either side
+    ("https://app.exampleX", "h:1", ["https://app.example"], False),   # one more letter: another origin
+    ("https://app.example", "h:1", ["https://app.exampleX"], False),
     ("https://any", "h:1", ["*"], True), ("null", "h:1", None, False), ("http://h:1", None, None, False),
 ])
 def test_allowed_origins(origin, host, allowed, ok):
@@ -97,14 +105,21 @@ def test_token_bucket_arithmetic_and_retry_after():
     assert (b.hits, b.misses) == (6, 1)
     b.take("b")
     b.take("c")  # a third key: the least recently used ("a") leaves
-    assert "a" not in b and len(b) == 2 and b.stats().evictions == 1
+    assert "a" not in b and len(b) == 2 and b.stats().evictions == 1 and b.misses == 3
+    b.take("a")  # and again: "b" leaves
+    assert "b" not in b and b.stats().evictions == 2 and b.misses == 4
     assert b.stats().limit == 2 and b.max_keys == 2
     zero = TokenBucket(0.0, 1.0)
     assert zero.take("x") == 0.0 and math.isinf(zero.take("x"))
     now[0] = 100.0
     assert b.prune() == 2 and len(b) == 0  # refilled buckets are the same as none
     b.take("d")
-    assert b.prune() == 0 and b.pop("d") is not None and b.pop("d") is None
+    assert b.prune() == 0
     b.take("e")
     b.forget("e")
-    assert "e" not in b
+    assert "e" not in b and "d" in b
+    # an explicit time wins over the clock (the sweeper and tests pass one)
+    frozen = TokenBucket(rate=1.0, burst=1.0, clock=lambda: 0.0)
+    assert frozen.take("k", now=0.0) == 0.0 and frozen.take("k", now=0.25) == pytest.approx(0.75)
+    assert frozen.take("k", now=10.0) == 0.0  # refilled by then, though the clock still says 0
+    assert frozen.prune(now=0.0) == 0 and frozen.prune(now=20.0) == 1

@@ -453,8 +453,6 @@ def test_the_service_embeds_each_turn_with_its_session_past(carried, tmp_path):
     from affectkit.stream import Stream
 
     ckpt, _ = carried
-    base = Stream(ckpt)
-    tags = base.engine.speakers
     a = [("Ann", "hello there"), ("Bob", "you again"), ("Ann", "yes me"), ("Bob", "go away"), ("Ann", "fine")]
     b = [("Cy", "good news today"), ("Di", "tell me"), ("Cy", "we won"), ("Di", "really"), ("Cy", "yes")]
     want = {}
@@ -463,8 +461,8 @@ def test_the_service_embeds_each_turn_with_its_session_past(carried, tmp_path):
         want[sid] = [ref.push_text(n, t).logits for n, t in turns]
 
     def pool_on(store: Store) -> SessionPool:
-        stream = Stream(ckpt)
-        return SessionPool(stream, store, tags, _text_embedder(stream.engine.dims, None, stream.engine))
+        stream = Stream(ckpt, by_arrival=True)
+        return SessionPool(stream, store, _text_embedder(stream.engine.dims, None, stream.engine))
 
     store = Store(tmp_path / "log.db")
     for sid in want:

@@ -21,11 +21,11 @@ from serve_support import DIM, INFO, SMALL  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from affectkit.errors import ConfigError  # noqa: E402
+from affectkit.errors import ConfigError, DataError  # noqa: E402
 from affectkit.models import build_model  # noqa: E402
 from affectkit.serve.app import ServeSettings, create_app  # noqa: E402
 from affectkit.serve.batcher import Batcher, Overloaded  # noqa: E402
-from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers, speaker_tag  # noqa: E402
+from affectkit.serve.sessions import Item, SessionPool, TooManySpeakers  # noqa: E402
 from affectkit.serve.store import Record, Store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
 
@@ -143,12 +143,12 @@ def test_pool_replay_from_the_store_on_disk(model, tmp_path):
     want = _reference(model, CONVERSATION)
     store = Store(tmp_path / "log.db")
     store.create_session("session-1", "tok")
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     first = pool.step([Item("session-1", n, t, {}) for n, t in CONVERSATION[:5]])
     store.close()
     store = Store(tmp_path / "log.db")
     assert store.integrity() == "ok" and store.count_utterances() == 5
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     rest = pool.step([Item("session-1", n, t, {}) for n, t in CONVERSATION[5:]])
     got = [p.probs for p, _ in first + rest]
     np.testing.assert_allclose(got, [w.probs for w in want], atol=1e-9)
@@ -158,7 +158,7 @@ def test_pool_replay_from_the_store_on_disk(model, tmp_path):
 def test_a_failed_write_answers_nobody_and_keeps_the_log_the_truth(model, monkeypatch):
     store = Store(":memory:")
     store.create_session("session-1", "tok")
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     pool.step([Item("session-1", "Ann", "one", {})])
 
     def broken(records):
@@ -169,15 +169,25 @@ def test_a_failed_write_answers_nobody_and_keeps_the_log_the_truth(model, monkey
     assert isinstance(out[0], OSError) and "session-1" not in pool.live
     monkeypatch.undo()
     (pred, _), = pool.step([Item("session-1", "Bob", "two", {})])
-    assert pred.position == 1 and pool.get("session-1").speakers == ["Ann", "Bob"]
+    assert pred.position == 1 and pool.get("session-1").stream.participants == ["Ann", "Bob"]
 
 
-def test_speaker_names_map_to_slots_by_first_appearance():
-    assert speaker_tag([], "zoe", ["F", "M"]) == ("F", True)
-    assert speaker_tag(["zoe"], "adam", ["F", "M"]) == ("M", True)
-    assert speaker_tag(["zoe", "adam"], "zoe", ["F", "M"]) == ("F", False)
-    with pytest.raises(TooManySpeakers, match="too many speakers: this model tells 2 apart"):
-        speaker_tag(["zoe", "adam"], "eve", ["F", "M"])
+def test_speaker_names_map_to_slots_by_first_appearance(model):
+    """On a ``tags`` model, a stream mapping names by arrival gives the i-th participant the i-th tag's slot:
+    the same answers as pushing the tags; a third name is TooManySpeakers and changes nothing."""
+    tags = INFO["speakers"]
+    by_name, by_tag = Stream(model, embed=embed, by_arrival=True), Stream(model, embed=embed)
+    for name, text in [("zoe", "hi"), ("adam", "hello"), ("zoe", "how are you")]:
+        got = by_name.push_text(name, text)
+        want = by_tag.push_text(tags[["zoe", "adam"].index(name)], text)
+        np.testing.assert_array_equal(got.logits, want.logits)
+    assert by_name.participants == ["zoe", "adam"] and by_name.speaker_slots == {"zoe": 0, "adam": 1}
+    with pytest.raises(TooManySpeakers, match="speaker 'eve' would be the session's speaker number 3; this model "
+                                              r"has 2 speaker slots \(taken by 'zoe', 'adam'\)"):
+        by_name.push_text("eve", "me too")
+    assert len(by_name) == 3 and by_name.participants == ["zoe", "adam"]
+    with pytest.raises(DataError, match="unknown speaker 'zoe'"):  # without by_arrival names must be tags
+        by_tag.push_text("zoe", "hi")
 
 
 def test_store_refuses_a_bad_file(tmp_path):

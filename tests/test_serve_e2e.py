@@ -71,6 +71,7 @@ def test_trained_checkpoint_served_end_to_end(source, tmp_path):
         ws_url = url.replace("http://", "ws://") + s["stream"]
         with connect(ws_url, additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
             assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+            assert ws.protocol.extensions == []  # the client offers per-message deflate; the service declines
             for k, ((name, text), w) in enumerate(zip(conversation, want)):
                 ws.send(json.dumps({"speaker": name, "text": text}))
                 a = json.loads(ws.recv(timeout=60))

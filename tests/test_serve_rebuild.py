@@ -46,7 +46,7 @@ def _stored(path: Path, model, sessions: int, n: int) -> list[tuple[str, str]]:
     """A store file holding ``sessions`` sessions of ``n`` answered utterances each (a service that ran,
     then stopped); returns their (id, token)."""
     store = Store(path)
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     ids = [(f"session-{k:03d}", f"token-{k}") for k in range(sessions)]
     identity = identity_of(model, embed)
     store.register_model(identity)
@@ -168,7 +168,7 @@ def test_the_lane_is_bounded_and_drops_requests_whose_caller_left():
 def test_a_group_rebuild_goes_live_at_once_and_never_replaces_a_stepped_session(model, tmp_path):
     ids = [sid for sid, _ in _stored(tmp_path / "log.db", model, 3, 10)]
     store = Store(tmp_path / "log.db")
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     job = pool.rebuild([ids[0], ids[1], ids[2], ids[0]])
     for _ in range(4):  # three logs read, then the first prefill
         next(job)
@@ -318,7 +318,7 @@ def test_a_wave_of_sessions_is_stepped_in_one_forward_and_a_bad_item_fails_alone
     real = sessions_mod.push_batch
     monkeypatch.setattr(sessions_mod, "push_batch", lambda ss, us: calls.append(len(ss)) or real(ss, us))
     store = Store(":memory:")
-    pool = SessionPool(Stream(model, embed=embed), store, INFO["speakers"], embed)
+    pool = SessionPool(Stream(model, embed=embed, by_arrival=True), store, embed)
     for k in range(3):
         store.create_session(f"wave-{k}", "tok")
     talk = [Item(f"wave-{k}", name, text, {}) for k in range(3) for name, text in _conversation(5, f"wave-{k}")]

@@ -66,8 +66,8 @@ def test_a_pool_lets_go_of_a_session_another_writer_took_and_writes_the_rest(mod
     gets WriterConflict and leaves A's memory, the second is written (second transaction) and answered."""
     want = _reference(model, CONVERSATION)
     a_store, b_store = open_store(postgres_url), open_store(postgres_url)
-    a = SessionPool(Stream(model, embed=embed), a_store, INFO["speakers"], embed)
-    b = SessionPool(Stream(model, embed=embed), b_store, INFO["speakers"], embed)
+    a = SessionPool(Stream(model, embed=embed, by_arrival=True), a_store, embed)
+    b = SessionPool(Stream(model, embed=embed, by_arrival=True), b_store, embed)
     for sid in ("taken", "mine"):
         a_store.create_session(sid, "tok")
     a.step([Item("taken", n, t, {}) for n, t in CONVERSATION[:2]] + [Item("mine", "Ann", "Hello there.", {})])

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
+from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 
 from affectkit.cache import LRUCache, lru_stats  # noqa: E402
 from affectkit.graph import _slot_tables  # noqa: E402
@@ -118,7 +119,7 @@ def test_a_short_soak_keeps_every_cache_within_its_limit(live_encoder):
                 if rng.random() < 0.4:
                     svc.pool.drop(sid)
                     svc.store.delete_session(sid)
-                    svc.frames.pop(sid)
+                    svc.frames.forget(sid)
                     deleted += 1
                 else:
                     abandoned.append(sid)
@@ -161,10 +162,16 @@ def test_connections_and_buckets_of_finished_sessions_are_not_kept(monkeypatch):
                     assert ws.receive_json()["type"] == "prediction"
             if i % 2:
                 assert c.delete(f"/v1/sessions/{r['id']}", headers=auth).status_code == 204
-        assert svc.connections == {}
+                with pytest.raises(WebSocketDenialResponse) as denied:  # its cached row went with it
+                    with c.websocket_connect(f"/v1/sessions/{r['id']}/stream", headers=auth):
+                        pass
+                assert denied.value.status_code == 404
+        assert svc.connections == {} and len(svc.rows) == 3  # rows of deleted sessions are not kept
         assert len(svc.frames) == 3  # the deleted sessions' buckets went with them
         svc.frames.prune(now=np.inf)
         assert len(svc.frames) == 0
         text = c.get("/metrics").text
         assert 'affectkit_cache_entries{cache="connections"} 0.0' in text
+        assert 'affectkit_cache_entries{cache="session_rows"} 3.0' in text
+        assert 'affectkit_cache_hits_total{cache="session_rows"} 6.0' in text  # upgrades checked without a read
         assert 'affectkit_cache_misses_total{cache="rate_buckets"} 6.0' in text

@@ -5,6 +5,8 @@ needs (a fixed window keeps its own capacity)."""
 from __future__ import annotations
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from affectkit.models.steps import Ring, StepState, _grown
 
@@ -27,6 +29,14 @@ def _stored(r: Ring, key: str = "k", i: int = 0) -> dict[int, float]:
 def test_grown_doubles_from_sixteen():
     assert [_grown(16, p) for p in (0, 15, 16, 31, 32, 100)] == [16, 16, 32, 32, 64, 128]
     assert _grown(0, 0) == 16 and _grown(4, 3) == 4
+
+
+@given(st.integers(0, 5000), st.integers(0, 10**6))
+def test_grown_equals_doubling_until_the_position_fits(capacity, pos):
+    want = capacity
+    while want <= pos:
+        want = max(16, 2 * want)
+    assert _grown(capacity, pos) == want
 
 
 def test_stack_of_one_state_is_that_state():
@@ -124,7 +134,7 @@ def _corect(**over):
 
     params = {"hidden": 8, "text_ff": 16, "text_layers": 2, "text_heads": 2, "graph_heads": 1, "pcm_heads": 1,
               "wp": 3, "wf": 0, "causal": True, "context": 4, "modalities": ["text", "audio"], **over}
-    info = {"dims": {"text": 4, "audio": 3}, "n_classes": 2, "label_names": ["a", "b"], "n_speakers": 2}
+    info = {"dims": {"text": 4, "audio": 3, "visual": 5}, "n_classes": 2, "label_names": ["a", "b"], "n_speakers": 2}
     return build_model("corect", params, info)
 
 
@@ -141,6 +151,39 @@ def test_state_reach_by_hand():
     assert _corect(use_gnn=False, context=1).state_reach() == 0
     assert _corect(context=None).state_reach() is None
     assert _corect(context=None, modalities=["audio"]).state_reach() == 3  # nothing attends: the graph alone
+    assert _corect(context=None, modalities=["text"]).state_reach() is None  # the text stack alone attends
+    assert _corect(context=None, modalities=["audio", "visual"]).state_reach() is None  # P-CM alone attends
+    no_text = _corect(modalities=["audio", "visual"])  # no text stack: its layers add nothing
+    assert no_text.text_context is None and no_text.state_reach() == pcm + 3
+
+
+def test_cross_modal_attention_reads_the_other_modality():
+    """P-CM's text part is text attending to audio: it changes with the audio, not only with the text."""
+    m = _corect().eval()
+    torch.manual_seed(0)
+    text, audio = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    width = m.pcm.out_dim // 2
+    with torch.no_grad():
+        a = m.pcm([text, audio], valid, causal=True, context=4)
+        b = m.pcm([text, audio + 1.0], valid, causal=True, context=4)
+    assert not torch.allclose(a[..., :width], b[..., :width], atol=1e-4)  # text <- audio
+    assert not torch.allclose(a[..., width:], b[..., width:], atol=1e-4)  # audio <- text, fused with audio
+
+
+def test_padding_never_reaches_a_dialogue_in_the_offline_model():
+    """Whole-dialogue (non-causal) P-CM: a short dialogue padded beside a long one, with junk in its padding,
+    gives what it gives alone (its padded positions are masked out of every attention)."""
+    m = _corect(causal=False, context=None, wf=2).eval()
+    torch.manual_seed(1)
+    long_, short = [torch.randn(1, 6, 8) for _ in range(2)], [torch.randn(1, 3, 8) for _ in range(2)]
+    junk = [torch.cat([s, 100 * torch.randn(1, 3, 8)], dim=1) for s in short]
+    batch = [torch.cat([a, b]) for a, b in zip(long_, junk)]
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        together = m.pcm(batch, valid, causal=False)
+        alone = m.pcm(short, torch.ones(1, 3, dtype=torch.bool), causal=False)
+    torch.testing.assert_close(together[1, :3], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_first_appearance_slots_by_hand():

@@ -4,11 +4,12 @@
 
 Each target (a module, or the named functions of one) runs in its own scratch copy under
 ``.cache/mutation/<target>/`` (source, tests and configs copied; mutmut's ``mutants/`` lives there, so a rerun
-re-tests only what changed), with only the test files that exercise it. Mutants named in
-``tools/mutation_equivalent.yaml`` (with the reason each cannot change behaviour) leave the denominator; every
-other mutant that no test kills counts against the score ("no tests" included). The per-target table and the
-list of survivors go to ``results/mutation/summary.md`` (raw counts in ``results.json``) and between the
-markers in ``TESTING.md``. Not part of the default test run: it takes tens of minutes on two cores.
+re-tests only what changed, and every mutant no test killed before), with only the test files that exercise
+it. Mutants named in ``tools/mutation_equivalent.yaml`` (with the reason each cannot change behaviour) leave
+the denominator; every other mutant that no test kills counts against the score ("no tests" included). The
+per-target table and the list of survivors go to ``results/mutation/summary.md`` (raw counts in
+``results.json``) and between the markers in ``TESTING.md``. Not part of the default test run: it takes tens
+of minutes on two cores.
 
 Why mutmut: it mutates per function (a target can be "the causal parts" of a module by naming functions), it
 runs only the tests that cover the mutated function, and it resumes.
@@ -103,8 +104,30 @@ def prepare(t: Target) -> Path:
     return work
 
 
+def retest_survivors(t: Target) -> int:
+    """Forget the verdicts of the target's mutants that no test killed, so a rerun tries them against the
+    tests as they are now (mutmut keeps a verdict until the mutated function changes, even when new tests
+    were written for it); killed ones stay killed.  Returns how many were reset."""
+    import fnmatch
+
+    meta = SCRATCH / t.name / "mutants" / (t.path + ".meta")
+    if not meta.is_file():
+        return 0
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    reset = [k for k, v in codes.items() if v is not None and STATUS.get(v) != "killed"
+             and any(fnmatch.fnmatchcase(k, p) for p in t.patterns())]
+    for k in reset:
+        codes[k] = None
+    meta.write_text(json.dumps(data))
+    return len(reset)
+
+
 def run(t: Target, max_children: int, deadline: float) -> None:
     work = prepare(t)
+    again = retest_survivors(t)
+    if again:
+        print(f"[{t.name}] {again} mutant(s) no test killed before are tried again", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     left = max(60.0, deadline - time.time())
     log = (SCRATCH / f"{t.name}.log").open("w")

@@ -44,7 +44,7 @@ from affectkit.errors import ConfigError, DataError
 from affectkit.models.corect import Corect
 from affectkit.models.steps import StepState
 
-__all__ = ["Prediction", "SessionFullError", "Stream", "StreamModel", "embed_text", "push_batch"]
+__all__ = ["Prediction", "SessionFullError", "Stream", "StreamModel", "TooManySpeakers", "embed_text", "push_batch"]
 
 Embedder = Callable[[list[str]], Any]
 #: Default cap on one session's state (bytes); a model with ``context`` stays far below it.
@@ -58,6 +58,10 @@ PREFILL_CHUNK = 256
 
 class SessionFullError(DataError):
     """A session's state would grow past its cap (``max_state_bytes``)."""
+
+
+class TooManySpeakers(DataError):
+    """A new speaker name beyond the model's speaker slots (names mapped by arrival)."""
 
 
 @dataclass(frozen=True)
@@ -321,18 +325,23 @@ class Stream:
 
     ``source``: a checkpoint path, ``(model, info)``, or a :class:`StreamModel` (shared by sessions);
     ``embed``: optional raw-sentence embedder for :meth:`push_text` (default: the offline encoder);
+    ``by_arrival``: map any participant names to the model's speaker slots by order of first appearance,
+    whatever its speaker mode (the i-th participant takes slot i: for a ``tags`` model, the embedding of its
+    i-th training tag), as a live service or a recording does with people's names; a name beyond the slots
+    is :class:`TooManySpeakers`.  ``per_dialogue`` models always map names so;
     ``options``: :class:`StreamModel` options (``max_state_bytes``, ``max_rewind``) when it is built here.
     """
 
     def __init__(self, source: str | Path | tuple[nn.Module, dict[str, Any]] | StreamModel,
-                 embed: Embedder | None = None, **options: int) -> None:
+                 embed: Embedder | None = None, by_arrival: bool = False, **options: int) -> None:
         self.engine = source if isinstance(source, StreamModel) else StreamModel(source, embed, **options)
+        self.by_arrival = bool(by_arrival)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation: the next push is utterance 0 (and the state is freed)."""
         self._state = self.engine.new_state()
-        self._names: dict[Any, tuple[int, int]] = {}  # per_dialogue: name -> (slot, first position)
+        self._names: dict[Any, tuple[int, int]] = {}  # names mapped by arrival: name -> (slot, first position)
         #: (position, speaker, sentence) of the last turns pushed as text, for a fine-tuned encoder that reads
         #: past turns (bounded: its context plus the rewind slots).
         self._turns: list[tuple[int, str, str]] = []
@@ -341,8 +350,8 @@ class Stream:
         self.replayed: Prediction | None = None
 
     def new_session(self) -> Stream:
-        """A new, empty, independent session on the same model."""
-        return Stream(self.engine)
+        """A new, empty, independent session on the same model (names mapped as in this one)."""
+        return Stream(self.engine, by_arrival=self.by_arrival)
 
     def __len__(self) -> int:
         """Utterances pushed so far."""
@@ -379,29 +388,43 @@ class Stream:
         return self._state.nbytes()
 
     @property
+    def maps_names(self) -> bool:
+        """Whether speaker names are mapped to slots by first appearance (``per_dialogue`` or ``by_arrival``)."""
+        return self.engine.per_dialogue or self.by_arrival
+
+    @property
     def speaker_slots(self) -> dict[Any, int]:
-        """``per_dialogue`` models: the session's speaker names and the slots they were given."""
+        """Names mapped by arrival: the session's speaker names and the slots they were given."""
         return {k: v[0] for k, v in self._names.items()}
 
+    @property
+    def participants(self) -> list[Any]:
+        """Names mapped by arrival: the session's speakers in order of first appearance (= slot order)."""
+        return list(self._names)
+
     def speaker_slot(self, speaker: Any) -> int:
-        """The speaker embedding row of ``speaker`` for the next push (not recorded until it succeeds)."""
+        """The speaker embedding row of ``speaker`` for the next push (not recorded until it succeeds);
+        :class:`TooManySpeakers` for a new name beyond the model's slots."""
         eng = self.engine
-        if not eng.per_dialogue:
+        if not self.maps_names:
             return eng.speaker_index(speaker)
         _check_name(speaker)
         key = int(speaker) if isinstance(speaker, np.integer) else speaker
         if key in self._names:
             return self._names[key][0]
         if len(self._names) >= eng.n_speakers:
-            raise DataError(f"speaker {speaker!r} would be the session's speaker number {len(self._names) + 1}; "
-                            f"this model has {eng.n_speakers} speaker slots (taken by "
-                            f"{', '.join(map(repr, self._names))})")
+            raise TooManySpeakers(f"speaker {speaker!r} would be the session's speaker number {len(self._names) + 1}; "
+                                  f"this model has {eng.n_speakers} speaker slots (taken by "
+                                  f"{', '.join(map(repr, self._names))})")
         return len(self._names)
 
-    def _record(self, speaker: Any, slot: int, position: int) -> None:
-        if self.engine.per_dialogue:
+    def _record(self, speaker: Any, slot: int, position: int, sentence: str | None = None) -> None:
+        """Note a successful push: a new name's slot, and a turn pushed as text for the encoder's later inputs."""
+        if self.maps_names:
             key = int(speaker) if isinstance(speaker, np.integer) else speaker
             self._names.setdefault(key, (slot, position))
+        if sentence is not None:
+            self._remember_turn(position, speaker, sentence)
 
     def _check_room(self) -> None:
         """SessionFullError if the next step would grow the state past the cap."""
@@ -446,7 +469,7 @@ class Stream:
             for i, u in enumerate(utterances):
                 _check_keys(u)
                 slots.append(self.speaker_slot(u["speaker"]))
-                self._record(u["speaker"], slots[-1], i)
+                self._record(u["speaker"], slots[-1], i, _sentence(u))
         except DataError as exc:
             self.reset()
             raise type(exc)(f"utterance {i}: {exc}") from None
@@ -456,6 +479,7 @@ class Stream:
             self.reset()
             raise
         names, self._names = self._names, {}  # the session stays empty until the state is complete
+        turns, self._turns = self._turns, []
         start = eng.prefill_start(n)
         state = eng.new_state()
         for a in range(start, n, chunk):
@@ -477,7 +501,7 @@ class Stream:
                 "utterance (model.context: null)")
         if len(self):
             raise DataError("prefill: the session was pushed while it was being rebuilt")
-        self._state, self._names = state, names
+        self._state, self._names, self._turns = state, names, turns
         self.replayed = eng.prediction(last.reshape(-1, last.shape[-1])[-1].cpu(), n - 1)  # checks a log's last answer
 
     def push(self, speaker: Any, text: Any = None, audio: Any = None, visual: Any = None) -> Prediction:
@@ -494,9 +518,8 @@ class Stream:
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"sentence must be a non-empty str, got {sentence!r:.60}")
         vector = eng.embed_inputs([self.text_input(speaker, sentence)])[0]
-        pred = self.push(speaker, text=vector, audio=audio, visual=visual)
-        self.remember_turn(pred.position, speaker, sentence)
-        return pred
+        return push_batch([self], [{"speaker": speaker, "text": vector, "audio": audio, "visual": visual,
+                                    "sentence": sentence}])[0]
 
     def text_input(self, speaker: Any, sentence: str) -> str:
         """What the checkpoint's text encoder reads for this session's next turn: the sentence itself, or, for
@@ -508,10 +531,9 @@ class Stream:
         past = [(spk, text) for pos, spk, text in self._turns if pos < len(self)]
         return str(enc.turn_input(past, str(speaker), sentence))
 
-    def remember_turn(self, position: int, speaker: Any, sentence: str) -> None:
+    def _remember_turn(self, position: int, speaker: Any, sentence: str) -> None:
         """Keep the turn at ``position`` for the encoder inputs of later turns (only what the encoder reads:
-        its context plus the rewind slots). Called by :meth:`push_text`; a service calls it after pushing an
-        embedded turn and when it rebuilds a session from its log."""
+        its context plus the rewind slots): a push or prefill given the utterance's ``sentence`` calls it."""
         enc = self.engine.text_encoder()
         if enc is None or not enc.recipe.context:
             return
@@ -521,15 +543,27 @@ class Stream:
 
 
 def _check_keys(u: Mapping[str, Any]) -> None:
-    extra = set(u) - {"speaker", "text", "audio", "visual"}
+    extra = set(u) - {"speaker", "text", "audio", "visual", "sentence"}
     if extra or "speaker" not in u:
         raise DataError(f"an utterance needs 'speaker' (and features); got keys {sorted(u)}")
+    _sentence(u)
+
+
+def _sentence(u: Mapping[str, Any]) -> str | None:
+    """An utterance's raw ``sentence`` (optional, beside its embedded ``text``): kept by the session for the
+    inputs a fine-tuned encoder reads with later turns."""
+    sentence = u.get("sentence")
+    if sentence is not None and not isinstance(sentence, str):
+        raise DataError(f"an utterance's sentence must be a str, got {type(sentence).__name__}")
+    return sentence
 
 
 def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any]]) -> list[Prediction]:
     """Step the next utterance of several sessions in one batched forward (for a service with many
     sessions): ``utterances[i]`` holds :meth:`Stream.push`'s arguments (``speaker``, ``text``, ``audio``,
-    ``visual``) for ``sessions[i]``.  The sessions must be distinct and share one :class:`StreamModel`.
+    ``visual``) for ``sessions[i]``, and optionally the raw ``sentence`` its ``text`` embeds (the session
+    keeps it for a fine-tuned encoder's later inputs, :meth:`Stream.text_input`).  The sessions must be
+    distinct and share one :class:`StreamModel`.
     Every input is checked before anything runs: one bad utterance raises DataError (naming its index
     when there are several) and no session changes.  Returns one Prediction per session, equal to what
     :meth:`Stream.push` would give."""
@@ -562,6 +596,6 @@ def push_batch(sessions: Sequence[Stream], utterances: Sequence[Mapping[str, Any
     for session, new, u, slot, row in zip(sessions, states, utterances, slots, logits):
         session._state = new
         position = len(session) - 1
-        session._record(u["speaker"], slot, position)
+        session._record(u["speaker"], slot, position, u.get("sentence"))
         out.append(eng.prediction(row, position))
     return out

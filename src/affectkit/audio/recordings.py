@@ -36,12 +36,11 @@ def timeline(source: Any, tracks: Mapping[str, str | Path], config: SegmenterCon
     from tqdm import tqdm
 
     from affectkit.audio.transcriber import shared_transcriber
-    from affectkit.serve.sessions import speaker_tag
     from affectkit.stream import Stream
 
     if not tracks:
         raise DataError("no audio: give --audio NAME=FILE.wav (one per participant)")
-    stream = Stream(source, embed=embed)
+    stream = Stream(source, embed=embed, by_arrival=True)  # participants take the model's slots in turn
     eng = stream.engine
     can_embed = embed is not None or eng.text_encoder() is not None or _has_text_encoder(eng.dims)
     plan = plan_inputs(stream.modalities, eng.dims, can_embed, eng.info.get("audio_features"))
@@ -64,19 +63,14 @@ def timeline(source: Any, tracks: Mapping[str, str | Path], config: SegmenterCon
                 utts += analyse(name, mine[k:k + BATCH], tr)
                 bar.update(len(mine[k:k + BATCH]))
     utts.sort(key=lambda u: (u.end, u.start))
-    tags = list(eng.speakers) if eng.speakers else list(range(eng.n_speakers))
-    names: list[str] = []
     rows = []
     for u in utts:
         row: dict[str, Any] = {"speaker": u.speaker, "start": round(u.start, 3), "end": round(u.end, 3),
                                "text": u.text, "confidence": round(u.confidence, 4), "label": None, "position": None,
                                "probs": None, "forced": u.forced}
         if plan.classifiable(u):
-            tag, new = speaker_tag(names, u.speaker, tags)
             text, feats = plan.inputs(u)
-            pred = stream.push_text(tag, text, **feats) if text is not None else stream.push(tag, **feats)
-            if new:
-                names.append(u.speaker)
+            pred = stream.push_text(u.speaker, text, **feats) if text is not None else stream.push(u.speaker, **feats)
             row.update(label=pred.label, position=pred.position,
                        probs={n: round(p, 6) for n, p in zip(stream.label_names, pred.probs)})
         row["prosody"] = [round(float(v), 6) for v in u.prosody]

@@ -40,9 +40,12 @@ def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> t
 
 
 def _grown(capacity: int, pos: int) -> int:
-    while capacity <= pos:
-        capacity = max(16, 2 * capacity)
-    return capacity
+    """The capacity after doubling (from at least 16) until position ``pos`` fits; in closed form, so no
+    bug (or mutant) of it can loop forever."""
+    if capacity > pos:
+        return capacity
+    base = max(16, 2 * capacity)
+    return base << (pos // base).bit_length()
 
 
 class Ring:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 from affectkit.cache import CacheStats
@@ -180,10 +179,6 @@ class TokenBucket:
     def forget(self, key: str) -> None:
         with self._lock:
             self.buckets.pop(key, None)
-
-    def pop(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            return self.buckets.pop(key, default)
 
     def stats(self) -> CacheStats:
         return CacheStats(len(self.buckets), self.max_keys, self.hits, self.misses, self.evictions)

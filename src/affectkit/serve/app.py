@@ -174,7 +174,10 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
             if s.store.size_bytes() >= lim.max_store_mb * 2**20:
                 return "store_full"
             row = s.store.create_session(sid, token, s.identity["hash"], lim.max_sessions)
-            return None if row is not None else "too_many_sessions"
+            if row is None:
+                return "too_many_sessions"
+            s.rows.put(sid, row)
+            return None
 
         problem = await asyncio.get_running_loop().run_in_executor(None, create)
         if problem is not None:
@@ -187,7 +190,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         s.pool.note_created(sid)
         s.metrics.sessions_created.inc()
         return SessionCreated(id=sid, token=token, stream=f"/v1/sessions/{sid}/stream", labels=s.labels,
-                              modalities=s.modalities, dims=s.dims, max_speakers=len(s.tags))
+                              modalities=s.modalities, dims=s.dims, max_speakers=s.max_speakers)
 
     @app.get("/v1/sessions/{session_id}", response_model=Transcript, tags=["sessions"],
              responses={400: {}, 401: {}, 403: {}, 404: {}})
@@ -236,7 +239,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         except Overloaded as exc:
             s.metrics.errors.labels("overloaded").inc()
             raise HTTPException(503, f"{exc}; retry in a second", headers={"Retry-After": "1"}) from None
-        s.frames.forget(session_id)
+        s.forget(session_id)
         return Response(status_code=204)
 
     @app.get("/healthz", tags=["operations"])
@@ -326,8 +329,8 @@ def _check_access(s: Service, session_id: str, request: Request, authorization: 
 
 
 async def _ws_denial(s: Service, ws: WebSocket, session_id: str) -> tuple[int, str, SessionRow | None] | None:
-    """(0, "", row) if the upgrade may open the session, else (HTTP status, reason, None); the store is read
-    off the event loop."""
+    """(0, "", row) if the upgrade may open the session, else (HTTP status, reason, None); the row comes from
+    the service's cache or a store read off the event loop."""
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), s.settings.allowed_origins):
         s.metrics.errors.labels("bad_origin").inc()
         return 403, "this origin may not open sessions (see --allowed-origin)", None
@@ -335,9 +338,7 @@ async def _ws_denial(s: Service, ws: WebSocket, session_id: str) -> tuple[int, s
         s.metrics.errors.labels("auth").inc()
         return 400, NO_URL_TOKEN + " or the subprotocol affectkit.bearer.TOKEN", None
     token = ws_token(ws.headers.get("authorization"), ws.scope.get("subprotocols") or [])
-    row = None
-    if plausible_id(session_id):
-        row = await asyncio.get_running_loop().run_in_executor(None, s.store.session, session_id)
+    row = await s.session_row(session_id) if plausible_id(session_id) else None
     status = token_status(row.token_sha256 if row else None, token, token_digest)
     if status:
         s.metrics.errors.labels("auth").inc()

@@ -90,7 +90,7 @@ class AudioSettings:
 def audio_config(raw: str | None) -> dict[str, Any] | None:
     """The parsed frame if text frame ``raw`` is an audio control frame (``"type": "audio"`` or
     ``"audio_end"``), else None (a text utterance, for the text protocol)."""
-    if raw is None or '"type"' not in raw or len(raw) > 4096:
+    if raw is None or len(raw) > 4096 or '"type"' not in raw:
         return None
     try:
         data = json.loads(raw)
@@ -279,8 +279,8 @@ async def _configure(s: Any, fe: AudioFront, session_id: str, ctl: dict[str, Any
         _pos, speakers = await s.batcher.run_sync(s.pool.position, session_id)
     except UnknownSession:
         return None, _error("gone", "this session was deleted")
-    if speaker not in speakers and len(speakers) >= len(s.tags):
-        return None, _error("too_many_speakers", f"this model tells {len(s.tags)} speakers apart and the session "
+    if speaker not in speakers and len(speakers) >= s.max_speakers:
+        return None, _error("too_many_speakers", f"this model tells {s.max_speakers} speakers apart and the session "
                                                  f"already has {', '.join(map(repr, speakers))}")
     st = fe.settings
     return _Track(speaker, fe), {

@@ -51,7 +51,7 @@ def service_caches(svc: Any) -> dict[str, CacheStats]:
 
     out = {"sessions_live": svc.pool.stats(), "rate_buckets": svc.frames.stats(),
            "create_buckets": svc.creations.stats(), "connect_buckets": svc.connects.stats(),
-           "connections": CacheStats(len(svc.connections), None, 0, 0, 0),
+           "connections": CacheStats(len(svc.connections), None, 0, 0, 0), "session_rows": svc.rows.stats(),
            "graph_edges": lru_stats(_newest_edges), "graph_slots": lru_stats(_slot_tables)}
     text = svc.base.engine.text_cache()
     if text is not None:

@@ -73,6 +73,18 @@ def settings_for(host: str, options: dict[str, Any]) -> ServeSettings:
         raise ConfigError(f"serve settings: {exc}") from None
 
 
+def uvicorn_config(app: Any, cfg: ServeSettings, **options: Any) -> Any:
+    """uvicorn's settings for the service (``options``: TLS and proxy settings).  Frames are small JSON or
+    PCM, so per-message compression is not offered: it would cost CPU on every frame and let a small
+    compressed frame make the server inflate up to ``ws_max_size``.  The event loop and HTTP parser are
+    uvicorn's choice: uvloop and httptools (the ``[serve]`` extra) when installed."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, ws="websockets-sansio",
+                          ws_max_size=4 * cfg.max_message_bytes, ws_per_message_deflate=False,
+                          timeout_graceful_shutdown=5, lifespan="on", **options)
+
+
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
           store: str | Path = "affectkit-sessions.db", threads: int | None = None, audio: Any = None,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, proxy_headers: bool = False,
@@ -123,9 +135,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
               flush=True)
 
     app = create_app((model, info), store, cfg, audio=audio, ready=ready)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, ws="websockets-sansio",
-                            ws_max_size=4 * cfg.max_message_bytes, timeout_graceful_shutdown=5, lifespan="on",
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, proxy_headers=proxy_headers,
+    config = uvicorn_config(app, cfg, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                            proxy_headers=proxy_headers,
                             forwarded_allow_ips=forwarded_allow_ips if proxy_headers else None)
     try:
         config.load()  # TLS files are read here: a bad certificate or key is one line, before listening
@@ -146,4 +157,4 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
         raise AffectkitError("the service did not start (the reason is logged above)")
 
 
-__all__ = ["API_KEY_ENV", "FLAGS", "bind", "serve", "settings_for"]
+__all__ = ["API_KEY_ENV", "FLAGS", "bind", "serve", "settings_for", "uvicorn_config"]

@@ -13,19 +13,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from affectkit.cache import LRUCache
 from affectkit.errors import ConfigError
 from affectkit.serve.access import TokenBucket
 from affectkit.serve.batcher import Batcher
 from affectkit.serve.bounded import BoundsCollector, service_caches
 from affectkit.serve.metrics import Metrics
 from affectkit.serve.sessions import Item, SessionPool
-from affectkit.serve.store import open_store
+from affectkit.serve.store import SessionRow, open_store
 from affectkit.stream import Stream
 
 __all__ = ["FLAGS", "ServeSettings", "Service", "identity_of", "model_identity"]
 
 log = logging.getLogger(__name__)
 
+
+#: Session rows kept in memory for the WebSocket upgrade's token check (a row is ~200 bytes).
+ROW_CACHE_ENTRIES = 4096
 
 @dataclass
 class ServeSettings:
@@ -136,13 +140,12 @@ class Service:
                  embed: Any = None) -> None:
         self.settings = settings
         model, info = _load(source)
-        self.base = Stream((model, info), embed=embed)
+        self.base = Stream((model, info), embed=embed, by_arrival=True)
         self.info = info
         self.modalities = list(self.base.modalities)
         self.dims = {m: int(info["dims"][m]) for m in self.modalities}
         self.labels = list(self.base.label_names)
-        tags = info.get("speakers")
-        self.tags = list(tags) if tags else list(range(int(info.get("n_speakers", 1))))
+        self.max_speakers = self.base.engine.n_speakers  # participants a session can have
         self.embed = _text_embedder(self.dims, embed, self.base.engine)
         encoder = _encoder_name(info, embed, {m: int(d) for m, d in info["dims"].items()})
         self.identity = model_identity(model, {**info, "label_names": self.labels}, encoder)
@@ -154,7 +157,7 @@ class Service:
                         "models); they cannot be continued here (their transcripts stay readable)",
                         others, self.store.url)
         self.other_sessions = others
-        self.pool = SessionPool(self.base, self.store, self.tags, self.embed, settings.idle_evict_s,
+        self.pool = SessionPool(self.base, self.store, self.embed, settings.idle_evict_s,
                                 settings.max_live_sessions, model=self.identity["hash"],
                                 max_utterances=settings.max_utterances,
                                 max_store_bytes=int(settings.max_store_mb * 2**20),
@@ -167,6 +170,9 @@ class Service:
         self.creations = TokenBucket(settings.create_per_min / 60, settings.create_burst)
         self.connects = TokenBucket(settings.connect_per_min / 60, settings.connect_burst)
         self.connections: dict[str, set[Any]] = {}  # open ones only: emptied sets are removed
+        #: sessions' rows (token digest, model) as read or created here, so an upgrade is checked without a
+        #: store read (a reconnect flood costs no thread-pool hop); dropped when the session is deleted here.
+        self.rows: LRUCache[str, SessionRow] = LRUCache(ROW_CACHE_ENTRIES)
         self.metrics.registry.register(BoundsCollector(lambda: service_caches(self)))
 
     def _on_batch(self, size: int, seconds: float) -> None:
@@ -175,6 +181,20 @@ class Service:
         m.batch_seconds.observe(seconds)
         m.sessions_live.set(len(self.pool.live))
         m.rebuilt.set(self.pool.rebuilt)
+
+    async def session_row(self, session_id: str) -> SessionRow | None:
+        """The session's row: from :attr:`rows`, else read from the store off the event loop (and kept)."""
+        row = self.rows.get(session_id)
+        if row is None:
+            row = await asyncio.get_running_loop().run_in_executor(None, self.store.session, session_id)
+            if row is not None:
+                self.rows.put(session_id, row)
+        return row
+
+    def forget(self, session_id: str) -> None:
+        """Drop what this process keeps about a deleted session beside the pool (its row, its frame bucket)."""
+        self.rows.pop(session_id)
+        self.frames.forget(session_id)
 
     def allow(self, session_id: str) -> bool:
         """Token bucket per session: False when the session sends frames faster than the limit."""
@@ -188,7 +208,7 @@ class Service:
         gone = self.store.expire(time.time() - days * 86400)
         for sid in gone:
             self.pool.drop(sid)
-            self.frames.forget(sid)
+            self.forget(sid)
         return len(gone)
 
     async def sweeper(self) -> None:

@@ -25,14 +25,9 @@ import numpy as np
 from affectkit.cache import CacheStats
 from affectkit.errors import AffectkitError, DataError
 from affectkit.serve.store import LogStore, Record, WriterConflict
-from affectkit.stream import Prediction, Stream, push_batch
+from affectkit.stream import Prediction, Stream, TooManySpeakers, push_batch
 
-__all__ = ["Item", "Live", "LogFull", "OtherModel", "SessionPool", "TooManySpeakers", "UnknownSession",
-           "speaker_tag"]
-
-
-class TooManySpeakers(DataError):
-    """A new participant name beyond the model's speaker slots."""
+__all__ = ["Item", "Live", "LogFull", "OtherModel", "SessionPool", "TooManySpeakers", "UnknownSession"]
 
 
 class UnknownSession(AffectkitError):
@@ -51,19 +46,6 @@ class LogFull(AffectkitError):
         self.kind = kind
 
 
-def speaker_tag(names: Sequence[str], name: str, tags: Sequence[Any]) -> tuple[Any, bool]:
-    """The engine's speaker tag for participant ``name`` in a session whose participants so far are
-    ``names`` (in order of first appearance): the i-th participant gets ``tags[i]``, the model's i-th
-    speaker slot.  Returns ``(tag, is_new)``; :class:`TooManySpeakers` past the last slot.  (The one
-    place that maps names to slots: switch it to the engine's own mapping when that lands.)"""
-    if name in names:
-        return tags[names.index(name)], False
-    if len(names) >= len(tags):
-        raise TooManySpeakers(f"too many speakers: this model tells {len(tags)} apart and the session "
-                              f"already has {', '.join(map(repr, names))}")
-    return tags[len(names)], True
-
-
 @dataclass
 class Item:
     """One utterance to classify: ``text`` (raw sentence, embedded in the batch) and/or ``features``
@@ -78,19 +60,19 @@ class Item:
 
 @dataclass
 class Live:
+    """A session in memory: its stream (state, participants by arrival, recent text turns) and last use."""
+
     stream: Stream
-    speakers: list[str]
     used: float
 
 
 @dataclass
 class _Rebuild:
-    """A session being rebuilt: its Live (speakers known, state not yet), its logged utterances (the
-    prefill's input) and the text turns a fine-tuned encoder reads with later ones."""
+    """A session being rebuilt: its empty Live and its logged utterances (the prefill's input: participant
+    names, features and the raw sentences a fine-tuned encoder reads with later turns)."""
 
     live: Live
     log: list[dict[str, Any]]
-    turns: list[tuple[int, str, str]]
     error: Exception | None = None
     last: Record | None = None  # the log's last utterance, whose logged answer the prefill must give again
 
@@ -117,20 +99,24 @@ def _check_replay(session_id: str, job: _Rebuild) -> None:
 
 
 class SessionPool:
-    """Live sessions over one shared engine (``base``, an empty :class:`Stream`), backed by ``store``.
+    """Live sessions over one shared engine (``base``, an empty :class:`Stream` mapping names by arrival),
+    backed by ``store``.  Participant names go to the stream as they are: it maps them to speaker slots.
 
-    ``tags``: the model's speaker tags in slot order; ``embed``: sentences -> (N, D) text features;
+    ``embed``: sentences -> (N, D) text features;
     ``idle_s``: evict a session unused that long; ``max_live``: evict the least recently used beyond;
     ``model``: the hash of the model (only sessions logged through it are rebuilt; None: any);
     ``max_utterances`` per session and ``max_store_bytes`` of log (beyond: :class:`LogFull`, nothing written);
     ``engine_batch``: step the sessions of a wave in one forward (False: one push each, the bench's baseline).
     """
 
-    def __init__(self, base: Stream, store: LogStore, tags: Sequence[Any],
-                 embed: Callable[[list[str]], Any] | None, idle_s: float = 600.0, max_live: int = 1024,
+    def __init__(self, base: Stream, store: LogStore, embed: Callable[[list[str]], Any] | None,
+                 idle_s: float = 600.0, max_live: int = 1024,
                  model: str | None = None, max_utterances: int | None = None, max_store_bytes: int | None = None,
                  engine_batch: bool = True) -> None:
-        self.base, self.store, self.tags, self.embed = base, store, list(tags), embed
+        if not base.maps_names:
+            raise DataError("SessionPool: the base stream must map participant names by arrival "
+                            "(Stream(..., by_arrival=True))")
+        self.base, self.store, self.embed = base, store, embed
         self.idle_s, self.max_live = idle_s, max_live
         self.model, self.max_utterances, self.max_store_bytes = model, max_utterances, max_store_bytes
         self.engine_batch = engine_batch
@@ -234,29 +220,21 @@ class SessionPool:
             raise UnknownSession(f"session {session_id} does not exist (deleted?)")
         if self.model is not None and row.model != self.model:
             raise OtherModel(other_model_message(session_id, row.model, self.model))
-        live = Live(self.base.new_session(), [], time.monotonic())
+        live = Live(self.base.new_session(), time.monotonic())
         log: list[dict[str, Any]] = []
-        turns: list[tuple[int, str, str]] = []
         labels = list(self.base.label_names)
         for rec in self.store.records(session_id):
             if rec.label not in labels or len(rec.probs) != len(labels):
                 raise OtherModel(f"session {session_id}: utterance {rec.position} was logged with label "
                                  f"{rec.label!r} over {len(rec.probs)} classes; this model's labels are "
                                  f"{', '.join(labels)}: the log does not belong to this model")
-            tag, new = speaker_tag(live.speakers, rec.speaker, self.tags)
-            if new:
-                live.speakers.append(rec.speaker)
-            log.append({"speaker": tag, **rec.features})
-            if rec.text is not None:  # what a fine-tuned encoder reads with later turns
-                turns.append((rec.position, rec.speaker, rec.text))
-        return _Rebuild(live, log, turns, last=rec if log else None)
+            log.append({"speaker": rec.speaker, "sentence": rec.text, **rec.features})
+        return _Rebuild(live, log, last=rec if log else None)
 
     def _install(self, session_id: str, job: _Rebuild) -> Live:
         """A finished rebuild becomes the live session."""
         with self._fresh_lock:
             self._fresh.pop(session_id, None)
-        for position, speaker, text in job.turns:
-            job.live.stream.remember_turn(position, speaker, text)
         self.live[session_id] = job.live
         self.rebuilt += 1
         self._cap()
@@ -288,7 +266,7 @@ class SessionPool:
     def position(self, session_id: str) -> tuple[int, list[str]]:
         """(next position, participants) of a session, rebuilding it if needed."""
         live = self.get(session_id)
-        return len(live.stream), list(live.speakers)
+        return len(live.stream), [str(p) for p in live.stream.participants]
 
     # -- the batch step
 
@@ -366,37 +344,26 @@ class SessionPool:
             except Exception as exc:  # noqa: BLE001 - reported to each caller of the batch
                 for i in texts:
                     out[i] = exc
-        ready: dict[int, tuple[dict[str, Any], Any, bool]] = {}
-        for i, live in lives.items():
-            it = items[i]
-            if out[i] is not None:
-                continue
-            try:
-                feats = dict(it.features)
-                if i in vectors:
-                    feats["text"] = vectors[i]
-                ready[i] = (feats, *speaker_tag(live.speakers, it.speaker, self.tags))
-            except (AffectkitError, ValueError) as exc:
-                out[i] = exc
+        ready: dict[int, dict[str, Any]] = {}  # push_batch's utterances: name, features, raw sentence
+        for i in lives:
+            if out[i] is None:
+                it = items[i]
+                ready[i] = {"speaker": it.speaker, "sentence": it.text, **it.features,
+                            **({"text": vectors[i]} if i in vectors else {})}
         preds: dict[int, Prediction] = {}
         # one forward for the wave's sessions; on any bad input, one by one (its own error)
         if len(ready) > 1 and self.engine_batch:
             try:
-                preds = dict(zip(ready, push_batch([lives[i].stream for i in ready],
-                                                   [{"speaker": tag, **feats} for feats, tag, _ in ready.values()])))
+                preds = dict(zip(ready, push_batch([lives[i].stream for i in ready], list(ready.values()))))
             except (AffectkitError, ValueError):
                 preds = {}
-        for i, (feats, tag, new) in ready.items():
-            it, live = items[i], lives[i]
+        for i, u in ready.items():
+            it, feats = items[i], ready[i]
             try:
-                pred = preds[i] if i in preds else live.stream.push(tag, **feats)
+                pred = preds[i] if i in preds else push_batch([lives[i].stream], [u])[0]
             except (AffectkitError, ValueError) as exc:
                 out[i] = exc
                 continue
-            if new:
-                live.speakers.append(it.speaker)
-            if it.text is not None:
-                live.stream.remember_turn(pred.position, it.speaker, it.text)
             latency = (time.perf_counter() - it.received) * 1000
             rec = Record(it.session, pred.position, it.speaker, it.text,
                          {m: np.asarray(feats[m], dtype=np.float32) for m in self.base.modalities},
