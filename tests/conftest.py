@@ -1,7 +1,10 @@
-"""Shared fixtures: small synthetic MOSI files on disk, an in-memory MOSI dict to break, a pickle writer."""
+"""Shared fixtures: small synthetic MOSI files on disk, an in-memory MOSI dict to break, a pickle writer, a
+throw-away PostgreSQL server and fresh databases on it."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -82,3 +85,26 @@ def fast_cfg(lab_yaml: Path) -> Callable[..., RunConfig]:
         return load_config(lab_yaml, [*(FAST if fast else []), *overrides])
 
     return make
+
+
+_DATABASES = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 for the whole run (skips when it cannot be started here);
+    stopped, its folder deleted, at the end."""
+    from affectkit.serve.throwaway import LocalPostgres, postgres_missing
+
+    reason = postgres_missing()
+    if reason:
+        pytest.skip(f"PostgreSQL tests: {reason}")
+    server = LocalPostgres(fsync=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> str:
+    """A fresh, empty database on the throw-away server; its URL."""
+    return postgres_server.create_database(f"t{os.getpid()}_{next(_DATABASES)}")

@@ -1,5 +1,7 @@
-"""The durable log (``affectkit.serve.store``) on its own: sessions, utterances and their speech data round
-trip exactly; caps, deletes and retention leave nothing behind; models are recorded once."""
+"""The durable log (``affectkit.serve.store``) on its own, on both backends (SQLite file; PostgreSQL on a
+throw-away server, skipped where none can be started): sessions, utterances and their speech data round trip
+exactly; caps, deletes and retention leave nothing behind; models are recorded once; a position is written
+once, by one writer."""
 
 from __future__ import annotations
 
@@ -9,14 +11,23 @@ import time
 import numpy as np
 import pytest
 
-from affectkit.serve.store import Record, SessionRow, Store, token_digest
+from affectkit.errors import ConfigError
+from affectkit.serve.store import LogStore, Record, SessionRow, Store, WriterConflict, open_store, token_digest
 
 IDENTITY = {"hash": "h1", "dims": {"text": 3}, "labels": ["a", "b"], "text_encoder": "minilm"}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path) -> str:
+    """Where a fresh log is: a SQLite file, or a new database on the throw-away PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "log.db")
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def store(tmp_path) -> Store:
-    s = Store(tmp_path / "log.db")
+def store(target) -> LogStore:
+    s = open_store(target)
     yield s
     s.close()
 
@@ -114,15 +125,70 @@ def test_size_grows_with_the_log_and_the_file_is_sound(store):
     store.create_session("s1", "t")
     store.append([_rec("s1", p) for p in range(200)])
     assert store.size_bytes() > before + 200 * 12
-    assert store.durability() == {"journal_mode": "wal", "synchronous": "FULL"}
-    assert isinstance(store.session("s1"), SessionRow)
+    want = {"journal_mode": "wal", "synchronous": "FULL"} if isinstance(store, Store) else \
+        {"synchronous_commit": "on", "fsync": store.durability()["fsync"]}
+    assert store.durability() == want
+    assert isinstance(store.session("s1"), SessionRow) and store.integrity() == "ok"
 
 
-def test_durability_names_every_setting(store):
+def test_durability_names_every_setting(tmp_path):
     """What ``durability()`` reports is SQLite's own reading, by name (OFF and EXTRA set behind its back)."""
+    store = Store(tmp_path / "log.db")
     for value, name in ((0, "OFF"), (1, "NORMAL"), (2, "FULL"), (3, "EXTRA")):
         store._db.execute(f"PRAGMA synchronous={value}")
         assert store.durability() == {"journal_mode": "wal", "synchronous": name}
+    store.close()
+
+
+def test_postgres_commits_synchronously_whatever_the_server_default(postgres_url):
+    """``synchronous_commit = on`` on the store's own connection, even where the database's default is off: an
+    acknowledged utterance is in the server's WAL."""
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute(f"ALTER DATABASE {postgres_url.rsplit('/', 1)[1]} SET synchronous_commit = off")
+    store = open_store(postgres_url)
+    assert store.durability()["synchronous_commit"] == "on"
+    store.close()
+
+
+def test_a_position_is_written_once_and_the_second_writer_is_named(target):
+    """Two writers (two replicas) on one log: the second append of a position fails as a whole, naming only the
+    session whose position was taken (and one whose session is gone); the other writer's rows stay."""
+    a, b = open_store(target), open_store(target)
+    try:
+        for sid in ("s1", "s2", "s3"):
+            a.create_session(sid, "t")
+        a.append([_rec("s1", 0), _rec("s2", 0)])
+        b.delete_session("s3")
+        with pytest.raises(WriterConflict, match="UNIQUE") as err:
+            b.append([_rec("s2", 1), _rec("s1", 0, speaker="Bob"), _rec("s3", 0)])
+        assert err.value.sessions == {"s1", "s3"}
+        assert [r.position for r in a.records("s2")] == [0]  # all or none: s2's row of that batch is not there
+        assert [r.speaker for r in a.records("s1")] == ["Ann"]
+        b.append([_rec("s2", 1)])
+        assert [r.position for r in a.records("s2")] == [0, 1] and a.count_utterances() == 3
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_kind_of_store_is_read_from_the_target(tmp_path):
+    assert isinstance(open_store(tmp_path / "x.db"), Store)
+    with pytest.raises(ConfigError, match="unknown kind of store"):
+        open_store("mysql://u@h/db")
+    with pytest.raises(ConfigError, match="not a PostgreSQL URL"):
+        open_store("postgresql://u@[::1/db")
+
+
+def test_an_unreachable_postgres_is_one_line_that_hides_the_password():
+    from affectkit.serve.throwaway import free_port
+
+    pytest.importorskip("psycopg")
+    with pytest.raises(ConfigError) as err:
+        open_store(f"postgresql://u:secret@127.0.0.1:{free_port()}/db")
+    text = str(err.value)
+    assert "cannot use this PostgreSQL database" in text and "secret" not in text and "\n" not in text
 
 
 def test_prosody_is_kept_as_float32_whatever_it_came_as(store):

@@ -194,7 +194,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     result = run_sweep(args.config, data=args.data, trials=args.trials, out=args.out, storage=args.storage,
                        overrides=args.set or [], engine=args.engine, address=args.address, workers=args.workers,
-                       threads=args.threads)
+                       threads=args.threads, heartbeat_s=args.heartbeat, grace_s=args.grace)
     print(result.report())
 
 
@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a causal CORECT checkpoint (best.pt)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one; default %(default)s)")
-    s.add_argument("--store", default="affectkit-sessions.db", help="SQLite log of sessions (default %(default)s)")
+    s.add_argument("--store", default="affectkit-sessions.db",
+                   help="log of sessions: a SQLite file (default %(default)s) or postgresql://user@host:port/dbname, "
+                        "shared by several replicas")
     s.add_argument("--max-batch", type=int, default=32, help="utterances per batch; 1 turns batching off")
     s.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait this long to fill a batch")
     s.add_argument("--max-queue", type=int, default=256,
@@ -423,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="data file (default: the base preset's data.path)")
     s.add_argument("--trials", type=int, help="total trials (default: the sweep file's)")
     s.add_argument("--out", help="sweep folder (default sweeps/NAME); the study there resumes")
-    s.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/optuna.db)")
+    s.add_argument("--storage", help="Optuna storage, any SQLAlchemy URL (default sqlite:///OUT/optuna.db); "
+                   "postgresql://user@host/db lets processes on several machines share the study")
+    s.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    s.add_argument("--grace", type=int, default=120,
+                   help="seconds of silence after which a running trial is stale: failed and queued again")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for all trials")
     s.add_argument("--engine", choices=["local", "ray"], default="local")
     s.add_argument("--address", help="ray: the cluster (auto or HOST:PORT; default: start a local instance)")

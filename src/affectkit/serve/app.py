@@ -14,8 +14,10 @@ frame back, in order: ``{"type": "prediction", "position", "speaker", "label", "
 "latency_ms"}`` or ``{"type": "error", "error": KIND, "detail"}`` (the session stays open and unchanged),
 echoing the client's ``"id"`` if it sent one (:mod:`affectkit.serve.protocol`).  Overload closes with 1013
 after an error frame; an idle connection closes with 1001; a session of another model gets an
-``other_model`` error frame and 1008.  A ``{"type": "audio", "speaker", "format"}`` frame turns the
-connection into one participant's microphone (:mod:`affectkit.serve.audio_ws`).
+``other_model`` error frame and 1008; a session another replica wrote to meanwhile gets a ``moved`` error frame
+(the utterance was not stored) and 1012: reconnect, and send again from the ready frame's position.  A
+``{"type": "audio", "speaker", "format"}`` frame turns the connection into one participant's microphone
+(:mod:`affectkit.serve.audio_ws`).
 """
 
 from __future__ import annotations
@@ -425,6 +427,9 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
         refused = refused + 1 if reply.get("error") == "rate_limited" else max(0, refused - 1)
         if refused >= s.settings.rate_burst:
             await _close(ws, 1008, "rate limit ignored")
+            return
+        if reply.get("error") == "moved":  # another replica holds the session now: the client reconnects
+            await _close(ws, 1012, "session moved: reconnect")
             return
         if reply.get("error") in ("gone", "other_model"):
             await _close(ws, 1000 if reply["error"] == "gone" else 1008, "session deleted")

@@ -20,6 +20,7 @@ from affectkit.errors import AffectkitError, ConfigError, DataError
 from affectkit.serve.batcher import Overloaded
 from affectkit.serve.service import Service
 from affectkit.serve.sessions import Item, LogFull, OtherModel, TooManySpeakers, UnknownSession
+from affectkit.serve.store import WriterConflict
 
 __all__ = ["Features", "SessionCreated", "Transcript", "Utterance", "answer", "error", "parse_frame"]
 
@@ -153,6 +154,9 @@ def refusal(exc: BaseException, msg_id: Any = None) -> dict[str, Any] | None:
         return error("other_model", str(exc), msg_id)
     if isinstance(exc, LogFull):
         return error(exc.kind, str(exc), msg_id)
+    if isinstance(exc, WriterConflict):
+        return error("moved", "another replica wrote to this session; this utterance was not stored: reconnect "
+                              "and send again from the ready frame's position", msg_id)
     if isinstance(exc, DataError | ConfigError | AffectkitError):
         return error("invalid", str(exc), msg_id)
     return None

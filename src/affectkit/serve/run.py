@@ -115,12 +115,14 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
         torch.set_num_threads(threads)
     from affectkit.checkpoint import load_model
-    from affectkit.serve.store import Store
+    from affectkit.serve.store import open_store
     from affectkit.stream import Stream
 
     model, _run_cfg, info = load_model(checkpoint)
     Stream((model, info))  # refuses a non-causal checkpoint here, with one line, before the server starts
-    Store(store).close()  # and an unusable store
+    log_store = open_store(store)  # and an unusable store (a bad path, URL or server: one line, before listening)
+    shown_store = log_store.url
+    log_store.close()
     sock = bind(host, port)
     real = sock.getsockname()[1]
     scheme = "https" if ssl_certfile else "http"
@@ -129,7 +131,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
     def ready(_svc: Any) -> None:
         if not is_loopback(host) and not ssl_certfile:
             log.warning("listening on %s without TLS: put a TLS proxy in front of it (README: exposure)", host)
-        print(f"serving on {scheme}://{shown}:{real}  (store {store}; API docs at /docs)", file=sys.stdout,
+        print(f"serving on {scheme}://{shown}:{real}  (store {shown_store}; API docs at /docs)", file=sys.stdout,
               flush=True)
 
     app = create_app((model, info), store, cfg, audio=audio, ready=ready)

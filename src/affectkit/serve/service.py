@@ -20,7 +20,7 @@ from affectkit.serve.batcher import Batcher
 from affectkit.serve.bounded import BoundsCollector, service_caches
 from affectkit.serve.metrics import Metrics
 from affectkit.serve.sessions import Item, SessionPool
-from affectkit.serve.store import SessionRow, Store
+from affectkit.serve.store import SessionRow, open_store
 from affectkit.stream import Stream
 
 __all__ = ["FLAGS", "ServeSettings", "Service", "identity_of", "model_identity"]
@@ -149,13 +149,13 @@ class Service:
         self.embed = _text_embedder(self.dims, embed, self.base.engine)
         encoder = _encoder_name(info, embed, {m: int(d) for m, d in info["dims"].items()})
         self.identity = model_identity(model, {**info, "label_names": self.labels}, encoder)
-        self.store = Store(store_path)
+        self.store = open_store(store_path)
         self.store.register_model(self.identity)
         others = self.store.sessions_of_other_models(self.identity["hash"])
         if others:
             log.warning("%d session(s) in %s were logged through another model (or before the log recorded "
                         "models); they cannot be continued here (their transcripts stay readable)",
-                        others, store_path)
+                        others, self.store.url)
         self.other_sessions = others
         self.pool = SessionPool(self.base, self.store, self.embed, settings.idle_evict_s,
                                 settings.max_live_sessions, model=self.identity["hash"],

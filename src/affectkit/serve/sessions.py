@@ -24,7 +24,7 @@ import numpy as np
 
 from affectkit.cache import CacheStats
 from affectkit.errors import AffectkitError, DataError
-from affectkit.serve.store import Record, Store
+from affectkit.serve.store import LogStore, Record, WriterConflict
 from affectkit.stream import Prediction, Stream, TooManySpeakers, push_batch
 
 __all__ = ["Item", "Live", "LogFull", "OtherModel", "SessionPool", "TooManySpeakers", "UnknownSession"]
@@ -109,7 +109,7 @@ class SessionPool:
     ``engine_batch``: step the sessions of a wave in one forward (False: one push each, the bench's baseline).
     """
 
-    def __init__(self, base: Stream, store: Store, embed: Callable[[list[str]], Any] | None,
+    def __init__(self, base: Stream, store: LogStore, embed: Callable[[list[str]], Any] | None,
                  idle_s: float = 600.0, max_live: int = 1024,
                  model: str | None = None, max_utterances: int | None = None, max_store_bytes: int | None = None,
                  engine_batch: bool = True) -> None:
@@ -275,7 +275,9 @@ class SessionPool:
         each pushed into its session; a session with several utterances in the batch goes on in the next
         wave (its later turns' encoder inputs read the earlier ones). Then every success is written to the
         store in one transaction before anything is returned.  A failed item gets its exception and changes
-        no state; if the write fails, the touched sessions are dropped from memory (they rebuild from the log)."""
+        no state; if the write fails, the touched sessions are dropped from memory (they rebuild from the log).
+        A :class:`WriterConflict` (another replica wrote to a session this one holds) drops only the sessions it
+        names, whose items get it, and writes the rest of the batch in a second transaction."""
         out: list[Any] = [None] * len(items)
         if self.max_store_bytes is not None and self.store.size_bytes() >= self.max_store_bytes:
             full = LogFull("store_full", f"the session log is full ({self.max_store_bytes / 2**20:g} MiB); "
@@ -293,15 +295,25 @@ class SessionPool:
                 in_wave.add(items[i].session)
             self._step_wave(items, wave, out, records, touched)
             pending = later
-        if records:
+        while records:
             try:
                 self.store.append(records)
+            except WriterConflict as exc:  # another writer holds these sessions: let them go, write the rest
+                for s in exc.sessions:
+                    self.drop(s)
+                out = [exc if isinstance(o, tuple) and o[1].session in exc.sessions else o for o in out]
+                left = [r for r in records if r.session not in exc.sessions]
+                if len(left) == len(records):  # the conflict names none of ours: nothing can be written
+                    return [exc if isinstance(o, tuple) else o for o in out]
+                records, touched = left, [t for t in touched if t not in exc.sessions]
+                continue
             except Exception as exc:  # noqa: BLE001 - nothing was acknowledged: forget, rebuild from the log
                 for s in set(touched):
                     self.drop(s)
                 return [exc if isinstance(o, tuple) else o for o in out]
             if self._rebuilds_running:
                 self._changed.update(touched)
+            break
         return out
 
     def _step_wave(self, items: list[Item], wave: list[int], out: list[Any], records: list[Record],

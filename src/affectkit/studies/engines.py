@@ -2,7 +2,10 @@
 
 Every engine takes the same jobs (plain dicts: variant, seed, run config, run folder) and reports a
 :class:`RunOutcome` per finished run to the caller's ``record``; the tables are written afterwards from the run
-folders alone, by the same code for every engine (:mod:`affectkit.studies.report`).
+folders alone, by the same code for every engine (:mod:`affectkit.studies.report`).  Jobs may come from an
+iterator that is read only when a slot is free (``in_flight`` at a time: a sweep asks for its next trial then),
+and ``decide(job, epoch, score)`` hears every epoch's dev score and may stop the run (a sweep's pruner); on Ray
+the scores travel from the task to the driver through a small actor, so the driver stays the only writer.
 
 The Ray engine assumes no shared file system: the data file is shipped once through Ray's object store (a node
 that holds the same file at the same path, checked by sha256, uses it directly), each run trains into a
@@ -26,8 +29,8 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ from affectkit.studies.report import PROVENANCE_FILE
 log = logging.getLogger("affectkit")
 
 Record = Callable[["RunOutcome"], None]
+#: ``decide(job, epoch, score)`` -> True to stop the run there (pruned).
+Decide = Callable[[dict[str, Any], int, float], bool]
 
 
 @dataclass
@@ -210,12 +215,18 @@ class LocalEngine:
             raise ConfigError(f"--devices: {len(devices)} device(s) for {workers} workers; give one per worker")
         self.workers, self.threads, self.devices = workers, threads, list(devices or [])
 
-    def run(self, jobs: list[dict[str, Any]], record: Record) -> None:
+    def run(self, jobs: Iterable[dict[str, Any]], record: Record, decide: Decide | None = None,
+            in_flight: int | None = None) -> None:
+        """Run ``jobs`` (read as slots free up), ``record`` each outcome; ``decide`` (this process only) may stop
+        a run after any epoch."""
         import torch
 
-        if not jobs:
+        known = len(jobs) if isinstance(jobs, Sequence) else None  # an iterator: as many as it yields
+        if known == 0:
             return
-        workers = max(1, min(self.workers, len(jobs)))
+        workers = max(1, min(self.workers, known or self.workers, in_flight or self.workers))
+        if decide is not None and (workers > 1 or self.devices):
+            raise ConfigError("per-epoch decisions (pruning) need one worker in this process, or the ray engine")
         threads = self.threads or max(1, available_cores() // workers)
         if workers == 1 and not self.devices:
             before, level = torch.get_num_threads(), log.level
@@ -223,7 +234,8 @@ class LocalEngine:
             log.setLevel(logging.WARNING)  # the study's bar replaces the per-epoch log lines
             try:
                 for job in jobs:
-                    record(execute_run(job, Path(job["run_dir"]), job["config"]["data"]["path"]))
+                    record(execute_run(job, Path(job["run_dir"]), job["config"]["data"]["path"],
+                                       _stopper(decide, job)))
             finally:
                 torch.set_num_threads(before)
                 log.setLevel(level)
@@ -235,19 +247,41 @@ class LocalEngine:
             for d in self.devices[:workers]:
                 slots.put(d)
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, slots))
+        pending = iter(jobs)
+        futures: dict[Any, dict[str, Any]] = {}
         try:
-            futures = {pool.submit(_pool_job, job): job for job in jobs}
-            for fut in as_completed(futures):
-                job = futures[fut]
-                try:
-                    record(fut.result())
-                except Exception as exc:  # a worker process died (killed, out of memory): no hang
-                    record(RunOutcome(job["variant"], job["seed"], False, 0.0,
-                                      f"worker process died ({type(exc).__name__})"))
+            while True:
+                while len(futures) < (len(futures) + 1 if in_flight is None else in_flight):
+                    job = next(pending, None)
+                    if job is None:
+                        break
+                    futures[pool.submit(_pool_job, job)] = job
+                if not futures:
+                    break
+                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = futures.pop(fut)
+                    try:
+                        record(fut.result())
+                    except Exception as exc:  # a worker process died (killed, out of memory): no hang
+                        record(RunOutcome(job["variant"], job["seed"], False, 0.0,
+                                          f"worker process died ({type(exc).__name__})"))
         except BaseException:  # Ctrl-C: stop now; finished runs are kept, the cut ones rerun next time
             _stop(pool)
             raise
         pool.shutdown()
+
+
+def _stopper(decide: Decide | None, job: dict[str, Any]) -> Callable[[int, float], None] | None:
+    """The trainer's ``on_epoch`` that asks ``decide`` and stops the run (:class:`PruneRun`) when told."""
+    if decide is None:
+        return None
+
+    def on_epoch(epoch: int, score: float) -> None:
+        if decide(job, epoch, score):
+            raise PruneRun(job["variant"])
+
+    return on_epoch
 
 
 # ----------------------------------------------------------------------------- ray: tasks on a cluster
@@ -306,22 +340,22 @@ def _local_data_copy(path: str, sha: str, box: list[Any]) -> str:
 
 
 def ray_run(job: dict[str, Any], box: list[Any], threads: int,
-            board: Any = None) -> tuple[RunOutcome, bytes | None]:
+            relay: Any = None) -> tuple[RunOutcome, bytes | None]:
     """The Ray task: train one job into a temporary folder on this node; return the outcome and the folder's
     files as bytes (no shared file system). ``box`` holds the data's object ref (not resolved unless this
-    node lacks the file). ``board`` (an actor) relays per-epoch scores to a sweep driver's pruner."""
+    node lacks the file). ``relay`` (an actor) carries each epoch's score to the driver and its decision back."""
     import torch
 
     torch.set_num_threads(threads)
     logging.getLogger("affectkit").setLevel(logging.WARNING)
     on_epoch = None
-    if board is not None:
+    if relay is not None:
         import ray
 
         key = job["variant"]
 
         def on_epoch(epoch: int, score: float) -> None:
-            if ray.get(board.report.remote(key, epoch, score)):
+            if ray.get(relay.report.remote(key, epoch, score)):
                 raise PruneRun(key)
 
     data_path = _local_data_copy(str(job["config"]["data"]["path"]), job["data_sha256"], box)
@@ -333,6 +367,38 @@ def ray_run(job: dict[str, Any], box: list[Any], threads: int,
 
     outcome.node = ray.get_runtime_context().get_node_id()
     return outcome, archive
+
+
+def _relay(ray: Any) -> Any:
+    """A small async actor between running tasks and the driver: a task reports an epoch's score and waits for
+    the driver's decision (stop or go on); the driver drains the reports and decides."""
+    import asyncio
+
+    @ray.remote(num_cpus=0)
+    class Relay:
+        def __init__(self) -> None:
+            self.queue: list[tuple[str, int, float]] = []
+            self.waiting: dict[tuple[str, int], Any] = {}
+            self.decided: dict[tuple[str, int], bool] = {}
+
+        async def report(self, key: str, epoch: int, score: float) -> bool:
+            event = asyncio.Event()
+            self.waiting[(key, epoch)] = event
+            self.queue.append((key, epoch, score))
+            await event.wait()
+            return self.decided.pop((key, epoch))
+
+        async def drain(self) -> list[tuple[str, int, float]]:
+            queue, self.queue = self.queue, []
+            return queue
+
+        async def decide(self, key: str, epoch: int, stop: bool) -> None:
+            self.decided[(key, epoch)] = stop
+            event = self.waiting.pop((key, epoch), None)
+            if event is not None:
+                event.set()
+
+    return Relay.remote()
 
 
 class RayEngine:
@@ -383,16 +449,20 @@ class RayEngine:
                               + " for one run; lower train.num_threads or add such a node")
         return {"num_cpus": cpus, "num_gpus": gpus, "max_retries": self.retries}
 
-    def run(self, jobs: list[dict[str, Any]], record: Record) -> None:
-        if not jobs:
+    def run(self, jobs: Iterable[dict[str, Any]], record: Record, decide: Decide | None = None,
+            in_flight: int | None = None) -> None:
+        """Run ``jobs`` as tasks, ``in_flight`` at a time (None: all at once), reading the next job only when one
+        finishes; ``record`` each outcome; ``decide`` hears every epoch's score on the driver."""
+        if isinstance(jobs, Sequence) and not jobs:
             return
         ray = self.start()
         try:
             task = ray.remote(ray_run)
+            relay = _relay(ray) if decide is not None else None
             boxes: dict[str, list[Any]] = {}
             options: dict[tuple[Any, str], dict[str, float]] = {}
-            refs: dict[Any, dict[str, Any]] = {}
-            for job in jobs:
+
+            def submit(job: dict[str, Any]) -> Any:
                 sha = job["data_sha256"]
                 if sha not in boxes:  # each distinct data file goes into the object store once
                     boxes[sha] = [ray.put(Path(job["config"]["data"]["path"]).read_bytes())]
@@ -400,18 +470,36 @@ class RayEngine:
                 if key not in options:
                     options[key] = self.resources(ray, job["config"])
                 opts = options[key]
-                refs[task.options(**opts).remote(job, boxes[sha], opts["num_cpus"])] = job
-            self._collect(ray, refs, record)
+                return task.options(**opts).remote(job, boxes[sha], opts["num_cpus"], relay)
+
+            self._collect(ray, iter(jobs), submit, record, decide, relay, in_flight)
         finally:
             self.stop()
 
-    def _collect(self, ray: Any, refs: dict[Any, dict[str, Any]], record: Record) -> None:
-        pending = list(refs)
+    def _collect(self, ray: Any, jobs: Iterator[dict[str, Any]], submit: Callable[[dict[str, Any]], Any],
+                 record: Record, decide: Decide | None, relay: Any, in_flight: int | None) -> None:
+        """The one collection loop: keep ``in_flight`` tasks running, relay epoch scores, install and record
+        each finished run."""
+        refs: dict[Any, dict[str, Any]] = {}
+        more = True
         try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+            while True:
+                while more and (in_flight is None or len(refs) < in_flight):
+                    job = next(jobs, None)
+                    if job is None:
+                        more = False
+                        break
+                    refs[submit(job)] = job
+                if not refs:
+                    break
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=0.2 if relay is not None else None)
+                if relay is not None:
+                    running = {j["variant"]: j for j in refs.values()}
+                    for key, epoch, score in ray.get(relay.drain.remote()):
+                        stop = key in running and decide is not None and bool(decide(running[key], epoch, score))
+                        relay.decide.remote(key, epoch, stop)
                 for ref in done:
-                    job = refs[ref]
+                    job = refs.pop(ref)
                     try:
                         outcome, archive = ray.get(ref)
                     except Exception as exc:  # retries spent: the task's worker or node kept dying
@@ -422,6 +510,6 @@ class RayEngine:
                         install_folder(archive, Path(job["run_dir"]))
                     record(outcome)
         except BaseException:  # Ctrl-C: cancel what is in flight; installed runs are kept
-            for ref in pending:
+            for ref in refs:
                 ray.cancel(ref, force=True)
             raise

@@ -1,4 +1,4 @@
-"""A durable log of sessions and utterances in one SQLite file (WAL mode), and its replay.
+"""The log in one SQLite file (WAL mode): the default backend, nothing to start.
 
 Order of a write: append the batch's utterances, commit (``synchronous=FULL``: survives a power loss,
 not only a process crash), and only then answer the clients.  ``(session, position)`` is the primary
@@ -8,25 +8,35 @@ bit for bit without re-running the sentence encoder.  Tokens are stored as SHA-2
 
 One connection, guarded by a lock: the service writes from its single inference thread and reads from
 the request handlers (through a thread pool), which SQLite in WAL mode serves without blocking writers
-for long.  The interface (:class:`Store`) is what a shared database would implement to scale out.
+for long.  :mod:`affectkit.serve.store.postgres` implements the same interface on a shared server.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from affectkit.errors import ConfigError
+from affectkit.serve.store.base import (
+    LogStore,
+    Record,
+    SessionRow,
+    WriterConflict,
+    audio_of,
+    identity_of_row,
+    identity_row,
+    record_of,
+    row_of,
+    token_digest,
+)
 
-__all__ = ["Record", "SessionRow", "Store", "token_digest"]
+__all__ = ["SQLiteStore"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -66,78 +76,15 @@ CREATE TABLE IF NOT EXISTS audio_utterances (  -- what speech adds to an utteran
 """
 
 
-def token_digest(token: str) -> str:
-    """The SHA-256 hex digest kept in place of a session token."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-@dataclass
-class Record:
-    """One answered utterance: what came in (speaker name, raw text if any, the feature vectors the
-    engine was pushed) and what went out (label, probabilities, latency)."""
-
-    session: str
-    position: int
-    speaker: str
-    text: str | None
-    features: dict[str, np.ndarray]
-    label: str
-    probs: Sequence[float]
-    latency_ms: float = 0.0
-    created: float = field(default_factory=time.time)
-
-    def public(self) -> dict[str, object]:
-        """The transcript row a client sees (no feature vectors)."""
-        return {"position": self.position, "speaker": self.speaker, "text": self.text, "label": self.label,
-                "probs": list(self.probs), "latency_ms": round(self.latency_ms, 3), "time": self.created}
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    id: str
-    token_sha256: str
-    created: float
-    model: str | None = None
-
-
-def _pack(features: dict[str, np.ndarray]) -> tuple[str, bytes]:
-    layout, parts, offset = {}, [], 0
-    for m, v in features.items():
-        a = np.ascontiguousarray(v, dtype="<f4").reshape(-1)
-        layout[m] = [int(a.size), offset]
-        parts.append(a.tobytes())
-        offset += a.size
-    return json.dumps(layout), b"".join(parts)
-
-
-def _unpack(layout: str, blob: bytes) -> dict[str, np.ndarray]:
-    flat = np.frombuffer(blob, dtype="<f4")
-    return {m: flat[off:off + dim].copy() for m, (dim, off) in json.loads(layout).items()}
-
-
-def _record(row: tuple) -> Record:
-    s, pos, spk, text, layout, blob, label, probs, lat, created = row
-    return Record(s, pos, spk, text, _unpack(layout, blob), label, json.loads(probs), lat, created)
-
-
-def _audio(rows: list[tuple]) -> dict[int, dict[str, object]]:
-    out: dict[int, dict[str, object]] = {}
-    for pos, meta, blob, n_pcm in rows:
-        d = json.loads(meta)
-        d["prosody"] = [float(v) for v in np.frombuffer(blob, dtype="<f4")]
-        d["audio_bytes"] = int(n_pcm or 0)
-        out[int(pos)] = d
-    return out
-
-
-class Store:
-    """The SQLite log.  ``path`` may be ``":memory:"`` for tests; ``synchronous`` is ``"FULL"`` (default:
-    an acknowledged utterance survives a power loss) or ``"NORMAL"`` (survives a process crash only)."""
+class SQLiteStore(LogStore):
+    """The SQLite log (the default backend).  ``path`` may be ``":memory:"`` for tests; ``synchronous`` is
+    ``"FULL"`` (default: an acknowledged utterance survives a power loss) or ``"NORMAL"`` (survives a process
+    crash only)."""
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"store synchronous must be FULL or NORMAL, got {synchronous!r}")
-        self.path = str(path)
+        self.path = self.url = str(path)
         if self.path != ":memory:":
             parent = Path(self.path).parent
             if not parent.is_dir():
@@ -164,16 +111,14 @@ class Store:
     def register_model(self, identity: dict[str, object]) -> None:
         """Record a model (``hash``, ``dims``, ``labels``, ``text_encoder``) unless it is known already."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)",
-                             (identity["hash"], json.dumps(identity["dims"]), json.dumps(identity["labels"]),
-                              identity.get("text_encoder"), time.time()))
+            self._db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)", identity_row(identity))
 
     def model(self, model_hash: str | None) -> dict[str, object] | None:
         """A recorded model's identity, or None."""
         with self._lock:
             r = self._db.execute("SELECT hash, dims, labels, text_encoder FROM models WHERE hash = ?",
                                  (model_hash,)).fetchone()
-        return {"hash": r[0], "dims": json.loads(r[1]), "labels": json.loads(r[2]), "text_encoder": r[3]} if r else None
+        return identity_of_row(r)
 
     def sessions_of_other_models(self, model_hash: str) -> int:
         """How many sessions were logged through another model (or before models were recorded)."""
@@ -220,7 +165,7 @@ class Store:
                 self._db.execute("COMMIT")
         if r is None:
             return None
-        return SessionRow(*r), [_record(row) for row in rows], _audio(audio)
+        return SessionRow(*r), [record_of(row) for row in rows], audio_of(audio)
 
     def expire(self, before: float) -> list[str]:
         """Delete the sessions created before ``before`` with no utterance since (and their logs); their ids."""
@@ -267,27 +212,37 @@ class Store:
     # -- utterances
 
     def append(self, records: Sequence[Record]) -> None:
-        """Write ``records`` in one transaction (all or none); returns once committed."""
-        rows = []
-        for r in records:
-            layout, blob = _pack(r.features)
-            rows.append((r.session, r.position, r.speaker, r.text, layout, blob, r.label,
-                         json.dumps([float(p) for p in r.probs]), float(r.latency_ms), r.created))
+        """Write ``records`` in one transaction (all or none); returns once committed.  A position written
+        already, or a session gone: :class:`WriterConflict` (nothing written)."""
+        rows = [row_of(r) for r in records]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT INTO utterances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                raise WriterConflict(self._conflicts(rows)) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _conflicts(self, rows: list[tuple]) -> set[str]:
+        """The sessions of ``rows`` whose position is taken or whose session row is gone."""
+        out = set()
+        for sid, pos, *_ in rows:
+            if self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (sid,)).fetchone() is None or \
+                    self._db.execute("SELECT 1 FROM utterances WHERE session = ? AND position = ?",
+                                     (sid, pos)).fetchone() is not None:
+                out.add(sid)
+        return out
 
     def records(self, session_id: str) -> Iterator[Record]:
         """The session's utterances in position order (the replay log)."""
         with self._lock:
             rows = self._utterance_rows(session_id)
         for row in rows:
-            yield _record(row)
+            yield record_of(row)
 
     def _utterance_rows(self, session_id: str) -> list[tuple]:
         return self._db.execute(
@@ -311,7 +266,7 @@ class Store:
         spoken utterances."""
         with self._lock:
             rows = self._audio_rows(session_id)
-        return _audio(rows)
+        return audio_of(rows)
 
     def count_utterances(self) -> int:
         with self._lock:
