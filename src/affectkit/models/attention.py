@@ -1,5 +1,7 @@
 """Attention layers shared by the sequence models: multi-head attention with padding, causal and banded
-(sliding-window) masks, and a post-norm Transformer layer (self- or cross-attention).
+(sliding-window) masks, and a Transformer layer (self- or cross-attention), post-norm (as
+``nn.TransformerEncoderLayer``) or pre-norm (as MulT's, whose stacks scale their inputs by sqrt(dim) and end
+with a LayerNorm: what CORECT's P-CM uses).
 
 Each layer has one forward that also steps: given a ``cache`` (a :class:`KVCache`, see
 :mod:`affectkit.models.steps`) it runs on the newest utterance (or a prefill chunk of utterances) of live
@@ -8,6 +10,8 @@ whole sequences.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -84,11 +88,14 @@ class MultiHeadAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Post-norm Transformer layer (as ``nn.TransformerEncoderLayer``, ReLU feed-forward); attends to ``kv``
-    (cross-attention) or to ``x`` itself when ``kv`` is None."""
+    """Transformer layer with a ReLU feed-forward; attends to ``kv`` (cross-attention) or to ``x`` itself
+    when ``kv`` is None.  Post-norm (``norm_first`` False, as ``nn.TransformerEncoderLayer``): add, then
+    LayerNorm.  Pre-norm (as MulT's layer): LayerNorm the branch input (queries and, with the same norm,
+    keys/values), add the branch to the untouched residual stream."""
 
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, norm_first: bool = False) -> None:
         super().__init__()
+        self.norm_first = norm_first
         self.attn = MultiHeadAttention(dim, heads, dropout)
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, dim))
         self.norm1 = nn.LayerNorm(dim)
@@ -98,22 +105,43 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.drop1(self.attn(h, h if kv is None else self.norm1(kv), mask, cache))
+            return x + self.drop2(self.ff(self.norm2(x)))
         x = self.norm1(x + self.drop1(self.attn(x, x if kv is None else kv, mask, cache)))
         return self.norm2(x + self.drop2(self.ff(x)))
 
 
-class TransformerStack(nn.Module):
-    """Layers of self-attention over a padded sequence, with optional causal (and banded) masking.
-    With ``state`` it steps the newest utterance of live sessions, layer ``i`` caching under ``name.i``."""
+def xavier_init(layer: TransformerLayer) -> None:
+    """MulT's / fairseq's initialisation of a layer: Xavier-uniform weights (query, key and value as one
+    (3 dim, dim) matrix, as its packed projection), zero biases."""
+    for lin in (layer.attn.q, layer.attn.k, layer.attn.v, layer.attn.out, layer.ff[0], layer.ff[3]):
+        gain = math.sqrt(0.5) if lin in (layer.attn.q, layer.attn.k, layer.attn.v) else 1.0
+        nn.init.xavier_uniform_(lin.weight, gain=gain)
+        nn.init.zeros_(lin.bias)
 
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int) -> None:
+
+class TransformerStack(nn.Module):
+    """Layers of self-attention (or of cross-attention to ``kv``) over a padded sequence, with optional
+    causal (and banded) masking.  ``norm_first``: pre-norm layers and a final LayerNorm; ``scale``: inputs
+    multiplied by sqrt(dim) first (MulT's encoder).  With ``state`` it steps the newest utterance of live
+    sessions, layer ``i`` caching under ``name.i``."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int, norm_first: bool = False,
+                 scale: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout, norm_first) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim) if norm_first else None
+        self.input_scale = math.sqrt(dim) if scale else 1.0
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, causal: bool, context: int | None = None,
-                state: StepState | None = None, name: str = "stack") -> torch.Tensor:
+                state: StepState | None = None, name: str = "stack", kv: torch.Tensor | None = None) -> torch.Tensor:
         mask = None if state is not None else attention_mask(valid, x.shape[1], x.shape[1], causal,
                                                               context=context)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+            kv = None if kv is None else kv * self.input_scale
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache=None if state is None else KVCache(state, f"{name}.{i}"))
-        return x
+            x = layer(x, mask, kv=kv, cache=None if state is None else KVCache(state, f"{name}.{i}"))
+        return x if self.norm is None else self.norm(x)

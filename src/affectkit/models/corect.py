@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
-from affectkit.models.attention import KVCache, TransformerLayer, TransformerStack, attention_mask
+from affectkit.models.attention import TransformerLayer, TransformerStack, xavier_init
 from affectkit.models.registry import check_modalities, register_model
 from affectkit.models.steps import Ring, StepState
 
@@ -54,10 +54,18 @@ class CorectConfig:
     pcm_heads: int = 2
     pcm_self_layers: int = 3
     pcm_dropout: float = 0.1
+    pcm_norm: str = "pre"  # pre: pre-norm layers + a final LayerNorm per stack (MulT, the reference); post
+    pcm_scale: bool = True  # P-CM stacks multiply their inputs by sqrt(width) first (MulT, the reference)
+    pcm_init: str = "xavier"  # xavier: MulT's Xavier-uniform weights, zero biases; torch: nn.Linear's default
+    mask_padding: bool = True  # attention never reads padded utterances (the reference attends to them)
     causal: bool = False
     context: int | None = None  # causal attention window (self + N - 1 earlier); None: the whole past
     speaker_mode: str = "tags"  # tags: one embedding per speaker tag of the file; per_dialogue: by order of
     #                             first appearance in each dialogue (live sessions with any names)
+
+    #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
+                                                 "mask_padding": True}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -72,6 +80,10 @@ class CorectConfig:
                 raise ConfigError(f"model.context must be null or an integer >= 1, got {self.context!r}")
             if not self.causal:
                 raise ConfigError("model.context (an attention window over past utterances) needs model.causal: true")
+        if self.pcm_norm not in ("pre", "post"):
+            raise ConfigError(f"model.pcm_norm must be pre or post, got {self.pcm_norm!r}")
+        if self.pcm_init not in ("xavier", "torch"):
+            raise ConfigError(f"model.pcm_init must be xavier or torch, got {self.pcm_init!r}")
         if self.speaker_mode not in SPEAKER_MODES:
             raise ConfigError(f"model.speaker_mode must be one of {', '.join(SPEAKER_MODES)}, "
                               f"got {self.speaker_mode!r}")
@@ -93,41 +105,46 @@ def first_appearance_slots(speakers: torch.Tensor, valid: torch.Tensor, n_slots:
 
 class PairwiseCrossModal(nn.Module):
     """P-CM: for each target modality j, queries of j attend to every other modality k (a stack per pair);
-    the outputs for j are concatenated and passed through self-attention layers."""
+    the outputs for j are concatenated and passed through self-attention layers.  Each stack is MulT's
+    (the reference's) by default: inputs scaled by sqrt(width), pre-norm layers, a final LayerNorm."""
 
     def __init__(self, modalities: list[str], cfg: CorectConfig) -> None:
         super().__init__()
         h, n = cfg.hidden, len(modalities)
         self.modalities = modalities
         self.pairs = list(permutations(range(n), 2))
-        self.cross = nn.ModuleDict({
-            f"{modalities[j]}<-{modalities[k]}": nn.ModuleList(
-                TransformerLayer(h, cfg.pcm_heads, 4 * h, cfg.pcm_dropout) for _ in range(cfg.pcm_layers))
-            for j, k in self.pairs
-        })
+        pre = cfg.pcm_norm == "pre"
+
+        def stack(dim: int, layers: int) -> TransformerStack:
+            return TransformerStack(dim, cfg.pcm_heads, 4 * dim, cfg.pcm_dropout, layers, pre, cfg.pcm_scale)
+
+        self.cross = nn.ModuleDict({f"{modalities[j]}<-{modalities[k]}": stack(h, cfg.pcm_layers)
+                                    for j, k in self.pairs})
         width = (n - 1) * h
-        self.fuse = nn.ModuleDict({
-            m: TransformerStack(width, cfg.pcm_heads, 4 * width, cfg.pcm_dropout, cfg.pcm_self_layers)
-            for m in modalities
-        })
+        self.fuse = nn.ModuleDict({m: stack(width, cfg.pcm_self_layers) for m in modalities})
         self.out_dim = n * width
+        if cfg.pcm_init == "xavier":
+            for module in self.modules():
+                if isinstance(module, TransformerLayer):
+                    xavier_init(module)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before the cross stacks were TransformerStacks: ``cross.X<-Y.i.`` -> ``.layers.i.``
+        for key in [k for k in state_dict if k.startswith(prefix + "cross.")]:
+            pair, rest = key[len(prefix) + 6:].split(".", 1)
+            if rest.split(".", 1)[0].isdigit():
+                state_dict[f"{prefix}cross.{pair}.layers.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool, context: int | None = None,
                 state: StepState | None = None) -> torch.Tensor:
         """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h).  With ``state``: T = 1, the newest
         utterance of each live session; every layer caches under its own name."""
-        t = feats[0].shape[1]
-        mask = None if state is not None else attention_mask(valid, t, t, causal, context=context)
         outs = []
         for j, mj in enumerate(self.modalities):
-            parts = []
-            for k, mk in enumerate(self.modalities):
-                if k == j:
-                    continue
-                x, name = feats[j], f"pcm.{mj}<-{mk}"
-                for i, layer in enumerate(self.cross[name[4:]]):
-                    x = layer(x, mask, kv=feats[k], cache=None if state is None else KVCache(state, f"{name}.{i}"))
-                parts.append(x)
+            parts = [self.cross[f"{mj}<-{mk}"](feats[j], valid, causal, context, state, f"pcm.{mj}<-{mk}",
+                                                kv=feats[k])
+                     for k, mk in enumerate(self.modalities) if k != j]
             outs.append(self.fuse[mj](torch.cat(parts, dim=-1), valid, causal, context, state, f"pcm.{mj}"))
         return torch.cat(outs, dim=-1)
 
@@ -233,11 +250,12 @@ class Corect(nn.Module):
         speakers = batch.speakers
         if self.speaker is not None and cfg.speaker_mode == "per_dialogue" and state is None:
             speakers = first_appearance_slots(speakers, batch.mask, self.speaker.num_embeddings)
+        valid = batch.mask if cfg.mask_padding else None
         out = []
         for m in self.modalities:
             x = batch.features[m]
             if m == "text" and self.text_context is not None:
-                x = self.text_context(x, batch.mask, cfg.causal, cfg.context, state, "text")
+                x = self.text_context(x, valid, cfg.causal, cfg.context, state, "text")
             x = self.encoders[m](x)
             if self.speaker is not None:
                 x = x + self.speaker(speakers)
@@ -261,7 +279,8 @@ class Corect(nn.Module):
         if self.graph is not None:
             views.append(self.graph(packed, batch.lengths, state))
         if self.pcm is not None:
-            views.append(self.pcm(feats, batch.mask, self.cfg.causal, self.cfg.context, state)[batch.mask])
+            valid = batch.mask if self.cfg.mask_padding else None
+            views.append(self.pcm(feats, valid, self.cfg.causal, self.cfg.context, state)[batch.mask])
         rep = torch.cat(views, dim=-1) if views else torch.cat(packed, dim=-1)
         out = self.classifier(rep)
         if state is not None:
