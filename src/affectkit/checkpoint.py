@@ -56,7 +56,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
     Checkpoints hold CPU tensors whatever device trained them, so any checkpoint loads on any device."""
     from affectkit.models import build_model
-
     from affectkit.models.registry import get_model_entry
 
     ckpt = read_checkpoint(path)

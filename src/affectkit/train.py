@@ -203,7 +203,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     loss_fn = task.loss_fn(tc, data, device)
     scaler = grad_scaler(device, tc.amp)
     train_loader = task.loader(data, task.splits[0], tc.batch_size, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                 fused=True if tc.fused and device.type in ("cpu", "cuda") else None)
     scheduler, step_on = _scheduler(cfg, optimizer, len(train_loader))
 
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)

@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
-from affectkit.models.attention import TransformerLayer, TransformerStack, xavier_init
+from affectkit.models.attention import Ragged, TransformerLayer, TransformerStack, xavier_init
+from affectkit.models.graph_layers import GraphAttention, RelationalConv
 from affectkit.models.registry import check_modalities, register_model
 from affectkit.models.steps import Ring, StepState
 
@@ -136,30 +137,29 @@ class PairwiseCrossModal(nn.Module):
                 state_dict[f"{prefix}cross.{pair}.layers.{rest}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool, context: int | None = None,
-                state: StepState | None = None) -> torch.Tensor:
-        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h).  With ``state``: T = 1, the newest
-        utterance of each live session; every layer caches under its own name."""
+    def forward(self, feats: list[torch.Tensor], seqs: Ragged | None, state: StepState | None = None) -> torch.Tensor:
+        """``feats``: per modality packed rows (U, h) of the sequences ``seqs`` -> (U, M*(M-1)*h).  With
+        ``state``: (B, count, h), the newest utterances of each live session; every layer caches under its
+        own name."""
         outs = []
         for j, mj in enumerate(self.modalities):
-            parts = [self.cross[f"{mj}<-{mk}"](feats[j], valid, causal, context, state, f"pcm.{mj}<-{mk}",
-                                                kv=feats[k])
+            parts = [self.cross[f"{mj}<-{mk}"](feats[j], None, False, None, state, f"pcm.{mj}<-{mk}", kv=feats[k],
+                                                seqs=seqs)
                      for k, mk in enumerate(self.modalities) if k != j]
-            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), valid, causal, context, state, f"pcm.{mj}"))
+            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), None, False, None, state, f"pcm.{mj}", seqs=seqs))
         return torch.cat(outs, dim=-1)
 
 
 class RelationalGraph(nn.Module):
-    """RGCNConv then TransformerConv (+ BatchNorm, LeakyReLU) over the relational temporal graph."""
+    """RGCN then a graph transformer (+ BatchNorm, LeakyReLU) over the relational temporal graph
+    (:mod:`affectkit.models.graph_layers`: PyG's RGCNConv and TransformerConv, computed densely)."""
 
     def __init__(self, n_modalities: int, cfg: CorectConfig) -> None:
         super().__init__()
-        from torch_geometric.nn import RGCNConv, TransformerConv
-
         h = cfg.hidden
         self.n_modalities, self.wp, self.wf = n_modalities, cfg.wp, cfg.wf
-        self.rgcn = RGCNConv(h, h, n_relations(n_modalities))
-        self.gt = TransformerConv(h, h, heads=cfg.graph_heads, concat=True)
+        self.rgcn = RelationalConv(h, h, n_relations(n_modalities))
+        self.gt = GraphAttention(h, h, cfg.graph_heads)
         self.bn = nn.BatchNorm1d(h * cfg.graph_heads)
         self.out_dim = n_modalities * h * cfg.graph_heads
 
@@ -171,7 +171,7 @@ class RelationalGraph(nn.Module):
         m = self.n_modalities
         if state is None:
             edge_index, edge_type = build_graph(lengths, m, self.wp, self.wf)
-            x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index)
+            x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index, lengths, m)
             return _by_utterance(F.leaky_relu(self.bn(x)), m)
         ring, pos, c = state.rings["graph"], state.lengths, state.count
         b = pos.shape[0]
@@ -181,7 +181,7 @@ class RelationalGraph(nn.Module):
         r = self.rgcn(_by_modality(rows, m), edge_index, edge_type)
         ring.write("rgcn", _by_utterance(r, m)[newest].view(b, c, -1))
         rows, _ = ring.window_rows("rgcn", pos)
-        x = self.gt(_by_modality(rows, m), edge_index)
+        x = self.gt(_by_modality(rows, m), edge_index, w, m)
         x = x.view(m, -1, x.shape[-1])[:, newest].reshape(-1, x.shape[-1])  # newest nodes, modality-major
         return _by_utterance(F.leaky_relu(self.bn(x)), m)
 
@@ -244,23 +244,30 @@ class Corect(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(h, n_classes))
 
-    def encode(self, batch: Any, state: StepState | None = None) -> list[torch.Tensor]:
-        """Per modality (B, T, h): encoders + speaker embedding."""
+    def encode(self, batch: Any, state: StepState | None = None,
+               rows: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Ragged | None]:
+        """Per modality the encoded utterances plus the speaker embedding, and the sequences they form.
+        Batch mode: packed rows (U, h) of the (B, T) positions ``rows`` (default: the real utterances), no
+        padding computed anywhere; with ``state``: (B, count, h), the step's utterances, and None."""
         cfg = self.cfg
         speakers = batch.speakers
         if self.speaker is not None and cfg.speaker_mode == "per_dialogue" and state is None:
             speakers = first_appearance_slots(speakers, batch.mask, self.speaker.num_embeddings)
-        valid = batch.mask if cfg.mask_padding else None
+        seqs = None
+        if state is None:
+            rows = batch.mask if rows is None else rows
+            seqs = Ragged(rows, cfg.causal, cfg.context)
+            speakers = speakers[rows]
         out = []
         for m in self.modalities:
-            x = batch.features[m]
+            x = batch.features[m] if state is not None else batch.features[m][rows]
             if m == "text" and self.text_context is not None:
-                x = self.text_context(x, valid, cfg.causal, cfg.context, state, "text")
+                x = self.text_context(x, None, cfg.causal, cfg.context, state, "text", seqs=seqs)
             x = self.encoders[m](x)
             if self.speaker is not None:
                 x = x + self.speaker(speakers)
             out.append(x)
-        return out
+        return out, seqs
 
     def forward(self, batch: Any, state: StepState | None = None) -> torch.Tensor:
         """A ConversationBatch -> logits (U, n_classes) for the packed real utterances (dialogue-major).
@@ -273,15 +280,21 @@ class Corect(nn.Module):
         if state is not None:
             self._check_step(batch, state)
             state.begin(int(batch.mask.shape[1]))
-        feats = self.encode(batch, state)
-        packed = [x[batch.mask] for x in feats]
+        # mask_padding false: the stacks also run on (and attend to) padded positions, as the reference does
+        rows = batch.mask if self.cfg.mask_padding or state is not None else torch.ones_like(batch.mask)
+        feats, seqs = self.encode(batch, state, rows)
+        real = None if rows is batch.mask else batch.mask[rows]
+
+        def packed(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(-1, x.shape[-1])
+            return x if real is None else x[real]
+
         views = []
         if self.graph is not None:
-            views.append(self.graph(packed, batch.lengths, state))
+            views.append(self.graph([packed(x) for x in feats], batch.lengths, state))
         if self.pcm is not None:
-            valid = batch.mask if self.cfg.mask_padding else None
-            views.append(self.pcm(feats, valid, self.cfg.causal, self.cfg.context, state)[batch.mask])
-        rep = torch.cat(views, dim=-1) if views else torch.cat(packed, dim=-1)
+            views.append(packed(self.pcm(feats, seqs, state)))
+        rep = torch.cat(views, dim=-1) if views else torch.cat([packed(x) for x in feats], dim=-1)
         out = self.classifier(rep)
         if state is not None:
             state.advance()
