@@ -89,21 +89,27 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, ours: Path, ref: 
                *MATCH_REFERENCE, *VARIANTS[variant], f"train.seed={seed}"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.monotonic()
-    with open(out_dir / f"seed{seed}.log", "w") as fh:
-        proc = subprocess.Popen(["nice", "-n", "19", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        return f"{variant} seed {seed}: FAILED (see {out_dir / f'seed{seed}.log'})"
-    r = json.loads(raw.read_text())
+    if raw.exists():  # the child finished but this driver did not (interrupted): its own figures
+        r = json.loads(raw.read_text())
+        cpu, rss, wall = r["end_cpu"], r["peak_rss_mib"], float("nan")
+    else:
+        with open(out_dir / f"seed{seed}.log", "w") as fh:
+            proc = subprocess.Popen(["nice", "-n", "19", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            return f"{variant} seed {seed}: FAILED (see {out_dir / f'seed{seed}.log'})"
+        r = json.loads(raw.read_text())
+        cpu, rss, wall = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, time.monotonic() - t0
     if variant == "reference":
         best = r["best_epoch"]
         test_f1 = r["test_f1"][best - 1]
     else:
         best, test_f1 = r["best_epoch"], r["test_f1_selected"]
     result = {"variant": variant, "seed": seed, "epochs": args.epochs, "best_epoch": best, "test_f1": test_f1,
-              "dev_f1": r["dev_f1"], "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.monotonic() - t0,
-              "peak_rss_mib": usage.ru_maxrss / 1024, "sets": VARIANTS.get(variant, []),
-              "load_end": os.getloadavg()[0], "commit": _commit()}
+              "dev_f1": r["dev_f1"], "cpu_s": cpu, "wall_s": wall, "peak_rss_mib": rss,
+              "sets": VARIANTS.get(variant, []),
+              "load_end": os.getloadavg()[0], "commit": os.environ.get("CORECT_LEARNING_COMMIT") or _commit()}
     out.write_text(json.dumps(result, indent=1))
     raw.unlink()
     return f"{variant} seed {seed}: test wF1 {test_f1:.4f} at epoch {best}, {result['cpu_s']:.0f} s CPU"
