@@ -70,3 +70,28 @@ def test_graph_attention_node_without_incoming_edges_gets_the_skip_term(lengths)
     lonely = torch.ones(x.shape[0], dtype=torch.bool)
     lonely[edge_index[1]] = False
     torch.testing.assert_close(out[lonely], ours.lin_skip(x[lonely]))
+
+
+def test_corect_trains_under_autocast():
+    """The mixed-precision path (``train.amp`` on CUDA) has no dtype seams: CPU bf16 autocast as a stand-in."""
+    from affectkit.models import build_model
+
+    torch.manual_seed(3)
+    info = {"dims": {"text": 12, "audio": 6, "visual": 5}, "n_classes": 4, "n_speakers": 2}
+    model = build_model("corect", {"hidden": 8, "text_ff": 16, "text_heads": 2, "graph_heads": 2, "wp": 3, "wf": 2},
+                        info)
+    lens = torch.tensor([5, 3])
+    mask = torch.arange(5)[None] < lens[:, None]
+
+    class Batch:
+        features = {m: torch.randn(2, 5, d) * mask[..., None] for m, d in info["dims"].items()}
+        speakers = torch.randint(0, 2, (2, 5))
+        lengths, labels = lens, torch.randint(0, 4, (2, 5))
+
+    Batch.mask = mask
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(Batch)
+        loss = torch.nn.functional.cross_entropy(out.float(), Batch.labels[mask])
+    loss.backward()
+    assert out.shape == (8, 4) and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -14,6 +14,7 @@ Nodes are modality-major (node ``m * U + u``); a graph's edges never leave a dia
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -83,13 +84,14 @@ class GraphAttention(nn.Module):
                 n_modalities: int) -> torch.Tensor:
         """``x`` (M * U, in) nodes of dialogues of ``lengths`` utterances -> (M * U, heads * out)."""
         perm, where, sizes = dialogue_layout(lengths, n_modalities)
+        cells_at = [0, *itertools.accumulate(s * s for s in sizes)]  # host-side bounds: no device syncs below
         offsets = torch.tensor([0, *sizes], device=x.device).cumsum(0)
-        cells = torch.tensor([0, *(s * s for s in sizes)], device=x.device).cumsum(0)
+        cells = torch.tensor(cells_at, device=x.device)
         # the adjacency of each dialogue, flattened one after another: cell (target, source) of dialogue b
         src, dst = where[edge_index[0]], where[edge_index[1]]
         b = torch.searchsorted(offsets, dst, right=True) - 1
         size = offsets[1:] - offsets[:-1]
-        adj = torch.zeros(int(cells[-1]), dtype=torch.bool, device=x.device)
+        adj = torch.zeros(cells_at[-1], dtype=torch.bool, device=x.device)
         adj[cells[b] + (dst - offsets[b]) * size[b] + (src - offsets[b])] = True
         q, k, v = (lin(x)[perm] for lin in (self.lin_query, self.lin_key, self.lin_value))
         has_in = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -97,7 +99,7 @@ class GraphAttention(nn.Module):
         h, c = self.heads, self.out_dim
         out, start = [], 0
         for i, s in enumerate(sizes):
-            mask = adj[int(cells[i]):int(cells[i + 1])].view(s, s)
+            mask = adj[cells_at[i]:cells_at[i + 1]].view(s, s)
             lonely = ~has_in[start:start + s]
             if bool(lonely.any()):  # no incoming edge: attend to itself (no NaN), zeroed below
                 mask = mask | torch.diag(lonely)
