@@ -79,6 +79,8 @@ class GraphAttention(nn.Module):
         self.lin_query = nn.Linear(in_dim, heads * out_dim)
         self.lin_value = nn.Linear(in_dim, heads * out_dim)
         self.lin_skip = nn.Linear(in_dim, heads * out_dim)
+        for lin in (self.lin_key, self.lin_query, self.lin_value, self.lin_skip):
+            lin.reset_parameters()  # PyG initialises them at construction and again in the layer: same draws
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor,
                 n_modalities: int) -> torch.Tensor:
