@@ -20,15 +20,15 @@ FORMAT = 1
 def save_checkpoint(path: str | Path, cfg: RunConfig, info: dict[str, Any], model: nn.Module,
                     extra: dict[str, Any] | None = None) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    config = cfg.to_dict()
     mcfg = getattr(model, "cfg", None)
-    if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type):  # every field, so later defaults never apply
-        config["model"] = {"name": cfg.model_name, **dataclasses.asdict(mcfg)}
+    # every field of the model's config, so that defaults changed later never apply to these weights
+    full = dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type) else None
     torch.save(
         {
             "affectkit_checkpoint": FORMAT,
             "version": __version__,
-            "config": config,
+            "config": cfg.to_dict(),
+            "model_config": full,
             "info": info,
             "state_dict": state,
             "extra": extra or {},
@@ -60,9 +60,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    legacy = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
-    cfg.model.update({k: v for k, v in legacy.items() if k not in cfg.model})  # written before those fields
-    model = build_model(cfg.model_name, cfg.model_params, ckpt["info"])
+    if ckpt.get("model_config") is None:  # written before checkpoints held every field: older defaults
+        legacy = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
+        cfg.model.update({k: v for k, v in legacy.items() if k not in cfg.model})
+    model = build_model(cfg.model_name, ckpt.get("model_config") or cfg.model_params, ckpt["info"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
     model.eval()
