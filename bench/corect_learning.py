@@ -44,7 +44,7 @@ VARIANTS: dict[str, list[str]] = {
     "before+refgraph": [*BEFORE, "model.wp=4", "model.wf=11"],
     "ours+nomask": ["model.mask_padding=false"],
     "ours+refgraph": ["model.wp=4", "model.wf=11"],
-    "ours+prenorm_only": ["model.pcm_scale=false", "model.pcm_init=torch"],
+    "ours+torchinit": ["model.pcm_init=torch"],
 }
 README_BEGIN = "<!-- corect-learning:begin (bench/corect_learning.py --table --readme) -->"
 README_END = "<!-- corect-learning:end -->"
@@ -140,7 +140,7 @@ def table(work: Path) -> str:
         sd = statistics.stdev(f1) if len(f1) > 1 else float("nan")
         per = ", ".join(f"{r['seed']}: {r['test_f1']:.3f} ({r['best_epoch']})" for r in rs)
         sets = "reference code" if v == "reference" else (" ".join(f"`{s}`" for s in VARIANTS.get(v, [])) or "-")
-        commits = ",".join(sorted({r["commit"] for r in rs}))
+        commits = "96ad012 (theirs)" if v == "reference" else ", ".join(sorted({r["commit"] for r in rs}))
         lines.append(f"| {v} | {sets} | {len(rs)} | {statistics.fmean(f1):.4f} +- {sd:.4f} | {per} | "
                      f"{statistics.fmean(r['cpu_s'] for r in rs):.0f} | {commits} |")
     epochs = sorted({r["epochs"] for rs in rows.values() for r in rs})
@@ -160,7 +160,8 @@ def write_readme(text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "corect_learning")
+    ap.add_argument("--work", type=Path, default=REPO / ".cache" / "corect_learning",
+                    help="data, logs and runs/VARIANT/seedS.json (the table reads runs/)")
     ap.add_argument("--reference", type=Path, help="git dir or checkout of the reference (needed for its runs)")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/corect_ref"))
     ap.add_argument("--variants", nargs="+", default=["reference", "ours"],

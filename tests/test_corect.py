@@ -159,3 +159,12 @@ def test_checkpoint_from_before_issue_22_loads_as_the_model_it_was(data, tmp_pat
     loaded, _, _ = load_model(path)
     assert loaded.cfg.pcm_norm == "post" and not loaded.cfg.pcm_scale
     torch.testing.assert_close(loaded(batch), want)
+
+
+def test_a_dialogues_predictions_do_not_depend_on_its_batch_mates(data):
+    """Padding-free: an offline model gives a dialogue the same logits alone and beside longer dialogues."""
+    model = _model(data, text_heads=2).eval()
+    dialogues = sorted(data.splits["test"][:4], key=len)
+    together = torch.split(model(collate_dialogues(dialogues, data.kept)), [len(d) for d in dialogues])
+    for d, got in zip(dialogues, together):
+        torch.testing.assert_close(got, model(collate_dialogues([d], data.kept)), atol=1e-5, rtol=0)
