@@ -276,7 +276,22 @@ def side_by_side(args: argparse.Namespace) -> None:
                 s["best_epoch"], s["test_f1"], s["dev_f1"] = r["best_epoch"], r["test_f1_selected"], r["dev_f1"]
             results[side] = s
             print(f"  {side} done in {wall:.0f} s (load average {os.getloadavg()[0]:.1f})")
+            if args.learning_out is not None:
+                save_learning_run(args.learning_out, side, args.epochs, r, s)
     report(results, args.epochs)
+
+
+def save_learning_run(work: Path, side: str, epochs: int, raw: dict[str, Any], s: dict[str, Any]) -> None:
+    """One more seed for ``bench/corect_learning.py``'s table: this run's side as variant reference / ours."""
+    seed = 24 if side == "reference" else 42
+    out = work / "runs" / side / f"seed{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out.write_text(json.dumps({
+        "variant": side, "seed": seed, "epochs": epochs, "best_epoch": s["best_epoch"], "test_f1": s["test_f1"],
+        "dev_f1": s["dev_f1"], "cpu_s": s["total_cpu"], "wall_s": s["total_wall"], "peak_rss_mib": s["peak_rss_mib"],
+        "sets": [], "load_end": os.getloadavg()[0], "commit": os.environ.get("CORECT_LEARNING_COMMIT")
+        or head.stdout.strip(), "from": "bench/corect.py --reference"}, indent=1))
 
 
 def report(results: dict[str, dict[str, Any]], epochs: int) -> None:
@@ -329,6 +344,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="generator seed of the side-by-side file")
     ap.add_argument("--preset-as-is", action="store_true", help="ours without the reference-matching --set")
     ap.add_argument("--ours-first", action="store_true", help="run ours before the reference")
+    ap.add_argument("--learning-out", type=Path, help="also record each side's run (reference seed 24, ours seed "
+                    "42) as a run of bench/corect_learning.py's table in this work folder")
     args = ap.parse_args()
     sys.path[:0] = [str(REPO / "src"), str(REPO / "bench")]
     if args.reference is None:

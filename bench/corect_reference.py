@@ -121,9 +121,10 @@ def write_reference_data(splits: dict[str, list[dict[str, Any]]], root: Path) ->
     return path
 
 
-def run_child(reference: Path, root: Path, epochs: int, threads: int, out: Path) -> None:
+def run_child(reference: Path, root: Path, epochs: int, threads: int, out: Path, seed: int | None = None) -> None:
     """Run the reference's train.py in this process (the bench starts it as a fresh child) and write the
-    timings, per-epoch F1 and peak RSS to ``out`` as JSON."""
+    timings, per-epoch F1 and peak RSS to ``out`` as JSON.  ``seed``: the reference's ``--seed`` (None: its
+    default, 24)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -165,7 +166,8 @@ def run_child(reference: Path, root: Path, epochs: int, threads: int, out: Path)
         n_params.append(sum(p.numel() for p in self.params if p.requires_grad))
 
     corect.Optim.set_parameters = set_parameters
-    sys.argv = ["train.py", *REF_ARGS, f"--epochs={epochs}", f"--data_root={root}"]
+    sys.argv = ["train.py", *REF_ARGS, f"--epochs={epochs}", f"--data_root={root}",
+                *([] if seed is None else [f"--seed={seed}"])]
     runpy.run_path(str(reference / "train.py"), run_name="__main__")
     result.update(marks=marks, end_wall=time.monotonic(), end_cpu=time.process_time(),
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -185,11 +187,12 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--seed", type=int, default=None, help="the reference's --seed (default: its own, 24)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         print(prepare(args.reference, args.scratch))
     else:
-        run_child(args.reference.resolve(), args.root.resolve(), args.epochs, args.threads, args.out)
+        run_child(args.reference.resolve(), args.root.resolve(), args.epochs, args.threads, args.out, args.seed)
 
 
 if __name__ == "__main__":

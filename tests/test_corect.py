@@ -135,3 +135,36 @@ def test_inverse_frequency_weights_by_hand():
     w = inverse_frequency_weights(np.array([2, 6, 0, 4]))
     # N = 12, C = 4: w_c = 12 / (4 * n_c); absent class -> 0
     assert torch.allclose(w, torch.tensor([1.5, 0.5, 0.0, 0.75]))
+
+
+def test_checkpoint_from_before_issue_22_loads_as_the_model_it_was(data, tmp_path):
+    """A checkpoint written before P-CM followed MulT (no ``model_config``, cross stacks as bare layer lists)
+    rebuilds the post-norm, unscaled P-CM it was trained with, and predicts as that model did."""
+    from affectkit.checkpoint import FORMAT, load_model
+    from affectkit.config import RunConfig
+
+    old = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch"}
+    model = _model(data, **old).eval()
+    batch = collate_dialogues(data.splits["test"][:3], data.kept)
+    want = model(batch)
+    state = {k.replace(".layers.", ".", 1) if k.startswith("pcm.cross.") else k: v
+             for k, v in model.state_dict().items()}
+    assert any(k.startswith("pcm.cross.") and k.split(".")[3].isdigit() for k in state)
+    info = ConversationTask().info(data)
+    cfg = RunConfig(model={"name": "corect", "hidden": 16, "text_ff": 32, "text_layers": 1, "pcm_layers": 1,
+                           "pcm_self_layers": 1, "graph_heads": 2})  # the old preset: no pcm_* keys
+    path = tmp_path / "old.pt"
+    torch.save({"affectkit_checkpoint": FORMAT, "version": "0.1.0", "config": cfg.to_dict(), "info": info,
+                "state_dict": state, "extra": {}}, path)
+    loaded, _, _ = load_model(path)
+    assert loaded.cfg.pcm_norm == "post" and not loaded.cfg.pcm_scale
+    torch.testing.assert_close(loaded(batch), want)
+
+
+def test_a_dialogues_predictions_do_not_depend_on_its_batch_mates(data):
+    """Padding-free: an offline model gives a dialogue the same logits alone and beside longer dialogues."""
+    model = _model(data, text_heads=2).eval()
+    dialogues = sorted(data.splits["test"][:4], key=len)
+    together = torch.split(model(collate_dialogues(dialogues, data.kept)), [len(d) for d in dialogues])
+    for d, got in zip(dialogues, together):
+        torch.testing.assert_close(got, model(collate_dialogues([d], data.kept)), atol=1e-5, rtol=0)

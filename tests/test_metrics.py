@@ -335,3 +335,24 @@ def test_format_number_for_tables() -> None:
     for missing in (None, math.nan, math.inf, -math.inf):
         assert format_number(missing) == "n/a" and format_number(missing, signed=True) == "n/a"
     assert format_number(7) == "7" and format_number(7, signed=True) == "7" and format_number("abc") == "abc"
+
+
+def test_f1_and_confusion_equal_scikit_learn_on_random_labels():
+    """The numpy F1 / confusion matrix are scikit-learn's (labels outside the list, absent labels, booleans)."""
+    sk = pytest.importorskip("sklearn.metrics")
+    from affectkit.metrics import confusion_matrix, f1_scores, weighted_f1
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(1, 7))
+        t, p = rng.integers(0, k + 1, n), rng.integers(0, k + 1, n)
+        labels = list(range(k))
+        np.testing.assert_allclose(f1_scores(t, p, labels)[0],
+                                   sk.f1_score(t, p, labels=labels, average=None, zero_division=0), atol=1e-12)
+        assert weighted_f1(t, p, labels) == pytest.approx(
+            sk.f1_score(t, p, labels=labels, average="weighted", zero_division=0), abs=1e-12)
+        if np.isin(t, labels).any():
+            assert (confusion_matrix(t, p, labels) == sk.confusion_matrix(t, p, labels=labels)).all()
+        tb, pb = t > k // 2, p > k // 2
+        assert weighted_f1(tb, pb) == pytest.approx(sk.f1_score(tb, pb, average="weighted", zero_division=0),
+                                                    abs=1e-12)

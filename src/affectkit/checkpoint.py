@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,15 @@ FORMAT = 1
 def save_checkpoint(path: str | Path, cfg: RunConfig, info: dict[str, Any], model: nn.Module,
                     extra: dict[str, Any] | None = None) -> None:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    mcfg = getattr(model, "cfg", None)
+    # every field of the model's config, so that defaults changed later never apply to these weights
+    full = dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) and not isinstance(mcfg, type) else None
     torch.save(
         {
             "affectkit_checkpoint": FORMAT,
             "version": __version__,
             "config": cfg.to_dict(),
+            "model_config": full,
             "info": info,
             "state_dict": state,
             "extra": extra or {},
@@ -51,10 +56,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
     Checkpoints hold CPU tensors whatever device trained them, so any checkpoint loads on any device."""
     from affectkit.models import build_model
+    from affectkit.models.registry import get_model_entry
 
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    model = build_model(cfg.model_name, cfg.model_params, ckpt["info"])
+    if ckpt.get("model_config") is None:  # written before checkpoints held every field: older defaults
+        legacy = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
+        cfg.model.update({k: v for k, v in legacy.items() if k not in cfg.model})
+    model = build_model(cfg.model_name, ckpt.get("model_config") or cfg.model_params, ckpt["info"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
     model.eval()

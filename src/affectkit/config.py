@@ -47,6 +47,7 @@ class TrainConfig:
     huber_delta: float = 1.0
     class_weights: bool = False  # inverse-frequency class weights for ce
     grad_clip: float = 0.0  # 0 = off
+    fused: bool = False  # torch's fused Adam (one kernel over all parameters; CPU and CUDA)
     select: str | None = None  # validation metric that picks the epoch (never a test metric); None = task's
     seed: int = 42
     device: str = "auto"  # auto (cuda if available, else mps, else cpu) | cpu | cuda | cuda:N | mps

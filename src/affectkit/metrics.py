@@ -2,8 +2,9 @@
 
 Conventions (the lab's / MMSA's): Acc-7 and Acc-5 clip to [-3, 3] / [-2, 2] and round with ``np.round``
 (round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2); Non0 metrics drop samples whose label is exactly 0 and
-compare ``> 0``; Has0 metrics keep every sample and compare ``>= 0``; F1 is ``f1_score(truth, pred,
-average="weighted")`` (the standard argument order; the lab's code swaps them).
+compare ``> 0``; Has0 metrics keep every sample and compare ``>= 0``; F1 is scikit-learn's ``f1_score(truth,
+pred, average="weighted")`` (the standard argument order; the lab's code swaps them), computed here from the
+confusion matrix with numpy (importing ``sklearn.metrics`` costs a training process ~145 MiB of memory).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 log = logging.getLogger("affectkit")
 
@@ -25,6 +25,36 @@ REGRESSION_METRICS: tuple[str, ...] = (
 CLASSIFICATION_METRICS: tuple[str, ...] = ("Acc", "F1_weighted", "F1_macro")
 #: Metrics where lower is better (every other metric: higher is better).
 LOWER_IS_BETTER: frozenset[str] = frozenset({"MAE", "loss"})
+
+
+def confusion_matrix(truth: np.ndarray, pred: np.ndarray, labels: list[Any]) -> np.ndarray:
+    """Counts (rows = truth, columns = prediction) over ``labels``; samples with another value are ignored."""
+    index = {label: i for i, label in enumerate(labels)}
+    t = np.array([index.get(v, -1) for v in np.asarray(truth).tolist()], dtype=np.int64)
+    p = np.array([index.get(v, -1) for v in np.asarray(pred).tolist()], dtype=np.int64)
+    keep = (t >= 0) & (p >= 0)
+    n = len(labels)
+    return np.bincount(t[keep] * n + p[keep], minlength=n * n).reshape(n, n)
+
+
+def f1_scores(truth: np.ndarray, pred: np.ndarray, labels: list[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label F1 = 2 tp / (predicted + true), 0 where a label is neither predicted nor true, and the support
+    (true count) of each label.  ``labels`` None: every value seen in either array, sorted (scikit-learn's)."""
+    truth, pred = np.asarray(truth).reshape(-1), np.asarray(pred).reshape(-1)
+    if labels is None:
+        labels = sorted(set(truth.tolist()) | set(pred.tolist()))
+    lab = np.asarray(labels)[:, None]
+    is_true, is_pred = truth[None, :] == lab, pred[None, :] == lab  # (labels, samples)
+    tp = (is_true & is_pred).sum(1).astype(np.float64)
+    support = is_true.sum(1).astype(np.float64)
+    denom = support + is_pred.sum(1)
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0), support
+
+
+def weighted_f1(truth: np.ndarray, pred: np.ndarray, labels: list[Any] | None = None) -> float:
+    """F1 averaged over labels weighted by their support (0 when no sample has one of the labels)."""
+    f1, support = f1_scores(truth, pred, labels)
+    return float(np.dot(f1, support) / support.sum()) if support.sum() > 0 else 0.0
 
 
 def pearson(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -45,7 +75,7 @@ def multiclass_acc(pred: np.ndarray, truth: np.ndarray) -> float:
 def _binary(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     if truth.size == 0:
         return math.nan, math.nan
-    return float(accuracy_score(truth, pred)), float(f1_score(truth, pred, average="weighted"))
+    return float(np.mean(truth == pred)), weighted_f1(truth, pred)
 
 
 def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -78,11 +108,11 @@ def classification_metrics(
     if pred.shape != truth.shape or pred.size == 0:
         raise ValueError(f"need equal, non-empty prediction and label vectors, got {pred.shape} and {truth.shape}")
     labels = list(range(len(label_names)))
-    per_class = f1_score(truth, pred, labels=labels, average=None, zero_division=0)
+    per_class, _ = f1_scores(truth, pred, labels)
     return {
-        "Acc": float(accuracy_score(truth, pred)),
-        "F1_weighted": float(f1_score(truth, pred, labels=labels, average="weighted", zero_division=0)),
-        "F1_macro": float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0)),
+        "Acc": float(np.mean(truth == pred)),
+        "F1_weighted": weighted_f1(truth, pred, labels),
+        "F1_macro": float(per_class.mean()),
         "F1_per_class": {name: float(v) for name, v in zip(label_names, per_class)},
         "confusion": confusion_matrix(truth, pred, labels=labels).tolist(),
     }

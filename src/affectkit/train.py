@@ -203,7 +203,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     loss_fn = task.loss_fn(tc, data, device)
     scaler = grad_scaler(device, tc.amp)
     train_loader = task.loader(data, task.splits[0], tc.batch_size, shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                 fused=True if tc.fused and device.type in ("cpu", "cuda") else None)
     scheduler, step_on = _scheduler(cfg, optimizer, len(train_loader))
 
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
@@ -225,7 +226,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
              device, run_dir)
 
     selection = EpochSelection(select, tc.patience)
-    best_state: dict[str, torch.Tensor] | None = None
+    # The best epoch's weights wait on disk, not in memory (a copy of the model the size of its parameters):
+    best_path = run_dir / ".best_state.pt"
     history: list[dict[str, Any]] = []
     prof = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "evaluate": 0.0}
     start = time.perf_counter()
@@ -274,7 +276,7 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
             scheduler.step(val.loss)
         score = float(val.metrics[select])
         if selection.offer(epoch, score):
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            torch.save(model.state_dict(), best_path)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "valid_loss": val.loss,
                "lr": optimizer.param_groups[0]["lr"],
                **{f"valid_{k}": v for k, v in val.metrics.items() if isinstance(v, float)}}
@@ -296,8 +298,8 @@ def train(cfg: RunConfig, data_path: str | Path | None = None, run_dir: str | Pa
     train_seconds = time.perf_counter() - start
     epochs_run = len(history)
 
-    assert best_state is not None  # the first epoch is always kept
-    model.load_state_dict(best_state)
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))  # epoch 1 always saves
+    best_path.unlink()
     best_epoch = selection.best_epoch
     val = evaluate(model, task, data, task.splits[1], tc.eval_batch_size, loss_fn, info, tc.amp)
     test = evaluate(model, task, data, task.splits[2], tc.eval_batch_size, loss_fn, info, tc.amp)

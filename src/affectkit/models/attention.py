@@ -1,5 +1,9 @@
 """Attention layers shared by the sequence models: multi-head attention with padding, causal and banded
-(sliding-window) masks, and a post-norm Transformer layer (self- or cross-attention).
+(sliding-window) masks, on padded (B, T, D) sequences or on packed ones (:class:`Ragged`: the rows of every
+sequence one after another, no padding anywhere: token-wise layers run on real rows only and attention stays
+within each sequence), and a Transformer layer (self- or cross-attention), post-norm (as
+``nn.TransformerEncoderLayer``) or pre-norm (as MulT's, whose stacks scale their inputs by sqrt(dim) and end
+with a LayerNorm: what CORECT's P-CM uses).
 
 Each layer has one forward that also steps: given a ``cache`` (a :class:`KVCache`, see
 :mod:`affectkit.models.steps`) it runs on the newest utterance (or a prefill chunk of utterances) of live
@@ -8,6 +12,8 @@ whole sequences.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -31,6 +37,32 @@ def attention_mask(key_valid: torch.Tensor | None, n_queries: int, n_keys: int, 
         band = in_window(q_pos[:, None], k_pos[None, :], context)[None, None]
         mask = band if mask is None else mask & band
     return mask
+
+
+class Ragged:
+    """Sequences packed one after another: the rows ``rows`` (B, T) marks in a padded batch, in row-major
+    order, and the rule of who attends to whom within a sequence: every position (``causal`` False), the
+    earlier ones, or the ``context`` latest.  Token-wise layers run on the packed rows only; attention pads
+    its queries, keys and values for one masked scaled-dot-product call and packs the result again."""
+
+    def __init__(self, rows: torch.Tensor, causal: bool = False, context: int | None = None) -> None:
+        self.rows, self.causal, self.context = rows, causal, context
+        self.index = rows.reshape(-1).nonzero().squeeze(1)
+        self.lengths = rows.sum(1)
+        t = rows.shape[1]
+        self.mask = attention_mask(rows, t, t, causal, context=context)
+
+    def pad(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """Packed (U, D) -> padded (B, heads, T, D / heads), zeros at padding."""
+        b, t = self.rows.shape
+        full = x.new_zeros((b * t, x.shape[1])).index_copy(0, self.index, x)
+        return full.view(b, t, heads, -1).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+        """Scaled dot-product attention of packed (U, D) queries to the keys/values of their own sequence."""
+        y = F.scaled_dot_product_attention(self.pad(q, heads), self.pad(k, heads), self.pad(v, heads),
+                                           attn_mask=self.mask, dropout_p=dropout)
+        return y.transpose(1, 2).reshape(-1, q.shape[1])[self.index]
 
 
 class KVCache:
@@ -70,25 +102,31 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.heads, self.dim // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, seqs: Ragged | None = None) -> torch.Tensor:
         """``x`` (B, T, dim) attends to ``kv`` (B, S, dim); with ``cache``, ``kv`` is the newest step's and
-        is attended to together with the cached ones (``mask`` then comes from the cache)."""
+        is attended to together with the cached ones (``mask`` then comes from the cache).  With ``seqs``,
+        ``x`` and ``kv`` are packed rows (U, dim) of those sequences (``mask`` unused)."""
         k, v = self.k(kv), self.v(kv)
+        p = self.dropout if self.training else 0.0
+        if seqs is not None:
+            return self.out(seqs.attend(self.q(x), k, v, self.heads, p))
         if cache is not None:
             k, v = cache.update(k, v)
             mask = cache.mask()
         q = self._split(self.q(x))
-        p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, self._split(k), self._split(v), attn_mask=mask, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))
 
 
 class TransformerLayer(nn.Module):
-    """Post-norm Transformer layer (as ``nn.TransformerEncoderLayer``, ReLU feed-forward); attends to ``kv``
-    (cross-attention) or to ``x`` itself when ``kv`` is None."""
+    """Transformer layer with a ReLU feed-forward; attends to ``kv`` (cross-attention) or to ``x`` itself
+    when ``kv`` is None.  Post-norm (``norm_first`` False, as ``nn.TransformerEncoderLayer``): add, then
+    LayerNorm.  Pre-norm (as MulT's layer): LayerNorm the branch input (queries and, with the same norm,
+    keys/values), add the branch to the untouched residual stream."""
 
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, norm_first: bool = False) -> None:
         super().__init__()
+        self.norm_first = norm_first
         self.attn = MultiHeadAttention(dim, heads, dropout)
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, dim))
         self.norm1 = nn.LayerNorm(dim)
@@ -97,23 +135,46 @@ class TransformerLayer(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.drop1(self.attn(x, x if kv is None else kv, mask, cache)))
+                cache: KVCache | None = None, seqs: Ragged | None = None) -> torch.Tensor:
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.drop1(self.attn(h, h if kv is None else self.norm1(kv), mask, cache, seqs))
+            return x + self.drop2(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.drop1(self.attn(x, x if kv is None else kv, mask, cache, seqs)))
         return self.norm2(x + self.drop2(self.ff(x)))
 
 
-class TransformerStack(nn.Module):
-    """Layers of self-attention over a padded sequence, with optional causal (and banded) masking.
-    With ``state`` it steps the newest utterance of live sessions, layer ``i`` caching under ``name.i``."""
+def xavier_init(layer: TransformerLayer) -> None:
+    """MulT's / fairseq's initialisation of a layer: Xavier-uniform weights (query, key and value as one
+    (3 dim, dim) matrix, as its packed projection), zero biases."""
+    for lin in (layer.attn.q, layer.attn.k, layer.attn.v, layer.attn.out, layer.ff[0], layer.ff[3]):
+        gain = math.sqrt(0.5) if lin in (layer.attn.q, layer.attn.k, layer.attn.v) else 1.0
+        nn.init.xavier_uniform_(lin.weight, gain=gain)
+        nn.init.zeros_(lin.bias)
 
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int) -> None:
+
+class TransformerStack(nn.Module):
+    """Layers of self-attention (or of cross-attention to ``kv``) over a padded sequence, with optional
+    causal (and banded) masking.  ``norm_first``: pre-norm layers and a final LayerNorm; ``scale``: inputs
+    multiplied by sqrt(dim) first (MulT's encoder).  With ``state`` it steps the newest utterance of live
+    sessions, layer ``i`` caching under ``name.i``.  With ``seqs`` the sequences are packed (:class:`Ragged`,
+    which then holds the masking rule: ``valid``, ``causal`` and ``context`` are unused)."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int, norm_first: bool = False,
+                 scale: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout, norm_first) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim) if norm_first else None
+        self.input_scale = math.sqrt(dim) if scale else 1.0
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, causal: bool, context: int | None = None,
-                state: StepState | None = None, name: str = "stack") -> torch.Tensor:
-        mask = None if state is not None else attention_mask(valid, x.shape[1], x.shape[1], causal,
-                                                              context=context)
+                state: StepState | None = None, name: str = "stack", kv: torch.Tensor | None = None,
+                seqs: Ragged | None = None) -> torch.Tensor:
+        mask = None if state is not None or seqs is not None else attention_mask(valid, x.shape[1], x.shape[1],
+                                                                                  causal, context=context)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+            kv = None if kv is None else kv * self.input_scale
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache=None if state is None else KVCache(state, f"{name}.{i}"))
-        return x
+            x = layer(x, mask, kv=kv, cache=None if state is None else KVCache(state, f"{name}.{i}"), seqs=seqs)
+        return x if self.norm is None else self.norm(x)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
-from affectkit.models.attention import KVCache, TransformerLayer, TransformerStack, attention_mask
+from affectkit.models.attention import Ragged, TransformerLayer, TransformerStack, xavier_init
+from affectkit.models.graph_layers import GraphAttention, RelationalConv
 from affectkit.models.registry import check_modalities, register_model
 from affectkit.models.steps import Ring, StepState
 
@@ -54,10 +55,18 @@ class CorectConfig:
     pcm_heads: int = 2
     pcm_self_layers: int = 3
     pcm_dropout: float = 0.1
+    pcm_norm: str = "pre"  # pre: pre-norm layers + a final LayerNorm per stack (MulT, the reference); post
+    pcm_scale: bool = True  # P-CM stacks multiply their inputs by sqrt(width) first (MulT, the reference)
+    pcm_init: str = "xavier"  # xavier: MulT's Xavier-uniform weights, zero biases; torch: nn.Linear's default
+    mask_padding: bool = True  # attention never reads padded utterances (the reference attends to them)
     causal: bool = False
     context: int | None = None  # causal attention window (self + N - 1 earlier); None: the whole past
     speaker_mode: str = "tags"  # tags: one embedding per speaker tag of the file; per_dialogue: by order of
     #                             first appearance in each dialogue (live sessions with any names)
+
+    #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
+                                                 "mask_padding": True}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -72,6 +81,10 @@ class CorectConfig:
                 raise ConfigError(f"model.context must be null or an integer >= 1, got {self.context!r}")
             if not self.causal:
                 raise ConfigError("model.context (an attention window over past utterances) needs model.causal: true")
+        if self.pcm_norm not in ("pre", "post"):
+            raise ConfigError(f"model.pcm_norm must be pre or post, got {self.pcm_norm!r}")
+        if self.pcm_init not in ("xavier", "torch"):
+            raise ConfigError(f"model.pcm_init must be xavier or torch, got {self.pcm_init!r}")
         if self.speaker_mode not in SPEAKER_MODES:
             raise ConfigError(f"model.speaker_mode must be one of {', '.join(SPEAKER_MODES)}, "
                               f"got {self.speaker_mode!r}")
@@ -93,56 +106,60 @@ def first_appearance_slots(speakers: torch.Tensor, valid: torch.Tensor, n_slots:
 
 class PairwiseCrossModal(nn.Module):
     """P-CM: for each target modality j, queries of j attend to every other modality k (a stack per pair);
-    the outputs for j are concatenated and passed through self-attention layers."""
+    the outputs for j are concatenated and passed through self-attention layers.  Each stack is MulT's
+    (the reference's) by default: inputs scaled by sqrt(width), pre-norm layers, a final LayerNorm."""
 
     def __init__(self, modalities: list[str], cfg: CorectConfig) -> None:
         super().__init__()
         h, n = cfg.hidden, len(modalities)
         self.modalities = modalities
         self.pairs = list(permutations(range(n), 2))
-        self.cross = nn.ModuleDict({
-            f"{modalities[j]}<-{modalities[k]}": nn.ModuleList(
-                TransformerLayer(h, cfg.pcm_heads, 4 * h, cfg.pcm_dropout) for _ in range(cfg.pcm_layers))
-            for j, k in self.pairs
-        })
-        width = (n - 1) * h
-        self.fuse = nn.ModuleDict({
-            m: TransformerStack(width, cfg.pcm_heads, 4 * width, cfg.pcm_dropout, cfg.pcm_self_layers)
-            for m in modalities
-        })
-        self.out_dim = n * width
+        pre = cfg.pcm_norm == "pre"
 
-    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor, causal: bool, context: int | None = None,
-                state: StepState | None = None) -> torch.Tensor:
-        """``feats``: per modality (B, T, h) -> (B, T, M*(M-1)*h).  With ``state``: T = 1, the newest
-        utterance of each live session; every layer caches under its own name."""
-        t = feats[0].shape[1]
-        mask = None if state is not None else attention_mask(valid, t, t, causal, context=context)
+        def stack(dim: int, layers: int) -> TransformerStack:
+            return TransformerStack(dim, cfg.pcm_heads, 4 * dim, cfg.pcm_dropout, layers, pre, cfg.pcm_scale)
+
+        self.cross = nn.ModuleDict({f"{modalities[j]}<-{modalities[k]}": stack(h, cfg.pcm_layers)
+                                    for j, k in self.pairs})
+        width = (n - 1) * h
+        self.fuse = nn.ModuleDict({m: stack(width, cfg.pcm_self_layers) for m in modalities})
+        self.out_dim = n * width
+        if cfg.pcm_init == "xavier":
+            for module in self.modules():
+                if isinstance(module, TransformerLayer):
+                    xavier_init(module)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before the cross stacks were TransformerStacks: ``cross.X<-Y.i.`` -> ``.layers.i.``
+        for key in [k for k in state_dict if k.startswith(prefix + "cross.")]:
+            pair, rest = key[len(prefix) + 6:].split(".", 1)
+            if rest.split(".", 1)[0].isdigit():
+                state_dict[f"{prefix}cross.{pair}.layers.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, feats: list[torch.Tensor], seqs: Ragged | None, state: StepState | None = None) -> torch.Tensor:
+        """``feats``: per modality packed rows (U, h) of the sequences ``seqs`` -> (U, M*(M-1)*h).  With
+        ``state``: (B, count, h), the newest utterances of each live session; every layer caches under its
+        own name."""
         outs = []
         for j, mj in enumerate(self.modalities):
-            parts = []
-            for k, mk in enumerate(self.modalities):
-                if k == j:
-                    continue
-                x, name = feats[j], f"pcm.{mj}<-{mk}"
-                for i, layer in enumerate(self.cross[name[4:]]):
-                    x = layer(x, mask, kv=feats[k], cache=None if state is None else KVCache(state, f"{name}.{i}"))
-                parts.append(x)
-            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), valid, causal, context, state, f"pcm.{mj}"))
+            parts = [self.cross[f"{mj}<-{mk}"](feats[j], None, False, None, state, f"pcm.{mj}<-{mk}", kv=feats[k],
+                                                seqs=seqs)
+                     for k, mk in enumerate(self.modalities) if k != j]
+            outs.append(self.fuse[mj](torch.cat(parts, dim=-1), None, False, None, state, f"pcm.{mj}", seqs=seqs))
         return torch.cat(outs, dim=-1)
 
 
 class RelationalGraph(nn.Module):
-    """RGCNConv then TransformerConv (+ BatchNorm, LeakyReLU) over the relational temporal graph."""
+    """RGCN then a graph transformer (+ BatchNorm, LeakyReLU) over the relational temporal graph
+    (:mod:`affectkit.models.graph_layers`: PyG's RGCNConv and TransformerConv, computed densely)."""
 
     def __init__(self, n_modalities: int, cfg: CorectConfig) -> None:
         super().__init__()
-        from torch_geometric.nn import RGCNConv, TransformerConv
-
         h = cfg.hidden
         self.n_modalities, self.wp, self.wf = n_modalities, cfg.wp, cfg.wf
-        self.rgcn = RGCNConv(h, h, n_relations(n_modalities))
-        self.gt = TransformerConv(h, h, heads=cfg.graph_heads, concat=True)
+        self.rgcn = RelationalConv(h, h, n_relations(n_modalities))
+        self.gt = GraphAttention(h, h, cfg.graph_heads)
         self.bn = nn.BatchNorm1d(h * cfg.graph_heads)
         self.out_dim = n_modalities * h * cfg.graph_heads
 
@@ -154,7 +171,7 @@ class RelationalGraph(nn.Module):
         m = self.n_modalities
         if state is None:
             edge_index, edge_type = build_graph(lengths, m, self.wp, self.wf)
-            x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index)
+            x = self.gt(self.rgcn(torch.cat(packed, dim=0), edge_index, edge_type), edge_index, lengths, m)
             return _by_utterance(F.leaky_relu(self.bn(x)), m)
         ring, pos, c = state.rings["graph"], state.lengths, state.count
         b = pos.shape[0]
@@ -164,7 +181,7 @@ class RelationalGraph(nn.Module):
         r = self.rgcn(_by_modality(rows, m), edge_index, edge_type)
         ring.write("rgcn", _by_utterance(r, m)[newest].view(b, c, -1))
         rows, _ = ring.window_rows("rgcn", pos)
-        x = self.gt(_by_modality(rows, m), edge_index)
+        x = self.gt(_by_modality(rows, m), edge_index, w, m)
         x = x.view(m, -1, x.shape[-1])[:, newest].reshape(-1, x.shape[-1])  # newest nodes, modality-major
         return _by_utterance(F.leaky_relu(self.bn(x)), m)
 
@@ -227,22 +244,30 @@ class Corect(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(h, n_classes))
 
-    def encode(self, batch: Any, state: StepState | None = None) -> list[torch.Tensor]:
-        """Per modality (B, T, h): encoders + speaker embedding."""
+    def encode(self, batch: Any, state: StepState | None = None,
+               rows: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Ragged | None]:
+        """Per modality the encoded utterances plus the speaker embedding, and the sequences they form.
+        Batch mode: packed rows (U, h) of the (B, T) positions ``rows`` (default: the real utterances), no
+        padding computed anywhere; with ``state``: (B, count, h), the step's utterances, and None."""
         cfg = self.cfg
         speakers = batch.speakers
         if self.speaker is not None and cfg.speaker_mode == "per_dialogue" and state is None:
             speakers = first_appearance_slots(speakers, batch.mask, self.speaker.num_embeddings)
+        seqs = None
+        if state is None:
+            rows = batch.mask if rows is None else rows
+            seqs = Ragged(rows, cfg.causal, cfg.context)
+            speakers = speakers[rows]
         out = []
         for m in self.modalities:
-            x = batch.features[m]
+            x = batch.features[m] if state is not None else batch.features[m][rows]
             if m == "text" and self.text_context is not None:
-                x = self.text_context(x, batch.mask, cfg.causal, cfg.context, state, "text")
+                x = self.text_context(x, None, cfg.causal, cfg.context, state, "text", seqs=seqs)
             x = self.encoders[m](x)
             if self.speaker is not None:
                 x = x + self.speaker(speakers)
             out.append(x)
-        return out
+        return out, seqs
 
     def forward(self, batch: Any, state: StepState | None = None) -> torch.Tensor:
         """A ConversationBatch -> logits (U, n_classes) for the packed real utterances (dialogue-major).
@@ -255,14 +280,21 @@ class Corect(nn.Module):
         if state is not None:
             self._check_step(batch, state)
             state.begin(int(batch.mask.shape[1]))
-        feats = self.encode(batch, state)
-        packed = [x[batch.mask] for x in feats]
+        # mask_padding false: the stacks also run on (and attend to) padded positions, as the reference does
+        rows = batch.mask if self.cfg.mask_padding or state is not None else torch.ones_like(batch.mask)
+        feats, seqs = self.encode(batch, state, rows)
+        real = None if rows is batch.mask else batch.mask[rows]
+
+        def packed(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(-1, x.shape[-1])
+            return x if real is None else x[real]
+
         views = []
         if self.graph is not None:
-            views.append(self.graph(packed, batch.lengths, state))
+            views.append(self.graph([packed(x) for x in feats], batch.lengths, state))
         if self.pcm is not None:
-            views.append(self.pcm(feats, batch.mask, self.cfg.causal, self.cfg.context, state)[batch.mask])
-        rep = torch.cat(views, dim=-1) if views else torch.cat(packed, dim=-1)
+            views.append(packed(self.pcm(feats, seqs, state)))
+        rep = torch.cat(views, dim=-1) if views else torch.cat([packed(x) for x in feats], dim=-1)
         out = self.classifier(rep)
         if state is not None:
             state.advance()
