@@ -159,31 +159,33 @@ def test_state_reach_by_hand():
 
 def test_cross_modal_attention_reads_the_other_modality():
     """P-CM's text part is text attending to audio: it changes with the audio, not only with the text."""
+    from affectkit.models.attention import Ragged
+
     m = _corect().eval()
     torch.manual_seed(0)
-    text, audio = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
-    valid = torch.ones(1, 5, dtype=torch.bool)
+    text, audio = torch.randn(5, 8), torch.randn(5, 8)  # one dialogue of 5 utterances, packed rows
+    seqs = Ragged(torch.ones(1, 5, dtype=torch.bool), causal=True, context=4)
     width = m.pcm.out_dim // 2
     with torch.no_grad():
-        a = m.pcm([text, audio], valid, causal=True, context=4)
-        b = m.pcm([text, audio + 1.0], valid, causal=True, context=4)
+        a = m.pcm([text, audio], seqs)
+        b = m.pcm([text, audio + torch.randn(5, 8)], seqs)  # (a constant shift would vanish in a LayerNorm)
     assert not torch.allclose(a[..., :width], b[..., :width], atol=1e-4)  # text <- audio
     assert not torch.allclose(a[..., width:], b[..., width:], atol=1e-4)  # audio <- text, fused with audio
 
 
 def test_padding_never_reaches_a_dialogue_in_the_offline_model():
-    """Whole-dialogue (non-causal) P-CM: a short dialogue padded beside a long one, with junk in its padding,
-    gives what it gives alone (its padded positions are masked out of every attention)."""
+    """Whole-dialogue (non-causal) P-CM: a short dialogue batched beside a long one (so padded in every
+    attention) gives what it gives alone."""
+    from affectkit.models.attention import Ragged
+
     m = _corect(causal=False, context=None, wf=2).eval()
     torch.manual_seed(1)
-    long_, short = [torch.randn(1, 6, 8) for _ in range(2)], [torch.randn(1, 3, 8) for _ in range(2)]
-    junk = [torch.cat([s, 100 * torch.randn(1, 3, 8)], dim=1) for s in short]
-    batch = [torch.cat([a, b]) for a, b in zip(long_, junk)]
-    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    long_, short = [torch.randn(6, 8) for _ in range(2)], [torch.randn(3, 8) for _ in range(2)]
+    rows = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     with torch.no_grad():
-        together = m.pcm(batch, valid, causal=False)
-        alone = m.pcm(short, torch.ones(1, 3, dtype=torch.bool), causal=False)
-    torch.testing.assert_close(together[1, :3], alone[0], atol=1e-5, rtol=1e-5)
+        together = m.pcm([torch.cat([a, b]) for a, b in zip(long_, short)], Ragged(rows))
+        alone = m.pcm(short, Ragged(torch.ones(1, 3, dtype=torch.bool)))
+    torch.testing.assert_close(together[6:], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_first_appearance_slots_by_hand():
