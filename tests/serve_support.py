@@ -65,6 +65,21 @@ def fake_embed(sentences: list[str], dim: int = 384) -> np.ndarray:
                      .standard_normal(dim).astype(np.float32) for s in sentences])
 
 
+def embed(sentences: list[str]) -> np.ndarray:
+    """The stand-in encoder at the small model's width (``DIM``)."""
+    return fake_embed(sentences, DIM)
+
+
+def small_model() -> tuple[Any, dict]:
+    """The small causal CORECT of the service tests (seed 0, eval mode) and its info."""
+    import torch
+
+    from affectkit.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("corect", SMALL, INFO).eval(), INFO
+
+
 @contextmanager
 def thread_server(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread on 127.0.0.1 (ephemeral port); yields the base URL."""

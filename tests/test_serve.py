@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from serve_support import DIM, INFO, SMALL  # noqa: E402
+from serve_support import DIM, INFO, SMALL, embed, small_model  # noqa: E402
 from starlette.testclient import WebSocketDenialResponse  # noqa: E402
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
@@ -30,16 +30,9 @@ from affectkit.serve.store import Record, Store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
 
 
-def embed(sentences: list[str]) -> np.ndarray:
-    from serve_support import fake_embed
-
-    return fake_embed(sentences, DIM)
-
-
 @pytest.fixture(scope="module")
 def model() -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(0)
-    return build_model("corect", SMALL, INFO).eval(), INFO
+    return small_model()
 
 
 def _client(model, **kw) -> TestClient:

@@ -22,24 +22,25 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("psycopg")
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_support import DIM, INFO, ROOT, SMALL, ServerProcess, fake_embed, train_text_checkpoint  # noqa: E402
+from serve_support import (  # noqa: E402
+    INFO,
+    ROOT,
+    ServerProcess,
+    embed,
+    small_model,
+    train_text_checkpoint,
+)
 from starlette.websockets import WebSocketDisconnect  # noqa: E402
 
-from affectkit.models import build_model  # noqa: E402
 from affectkit.serve.app import ServeSettings, create_app  # noqa: E402
 from affectkit.serve.sessions import Item, SessionPool  # noqa: E402
 from affectkit.serve.store import WriterConflict, open_store  # noqa: E402
 from affectkit.stream import Stream  # noqa: E402
 
 
-def embed(sentences: list[str]) -> np.ndarray:
-    return fake_embed(sentences, DIM)
-
-
 @pytest.fixture(scope="module")
 def model() -> tuple[torch.nn.Module, dict]:
-    torch.manual_seed(0)
-    return build_model("corect", SMALL, INFO).eval(), INFO
+    return small_model()
 
 
 CONVERSATION = [("Ann", "Hello there."), ("Bob", "Oh, hi."), ("Ann", "I got the job!"), ("Ann", "Can you believe it?"),
