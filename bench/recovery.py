@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import Server, make_checkpoint, sentence  # noqa: E402
+from serve import HEADERS, Server, make_checkpoint, sentence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 384
@@ -107,7 +107,7 @@ async def fresh_session(url: str, stop: asyncio.Event, warm: asyncio.Event, out:
 
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=60) as http:
-        s = (await http.post(url + "/v1/sessions")).json()
+        s = (await http.post(url + "/v1/sessions", headers=HEADERS)).json()  # the bench server has an operator key
     async with connect(url.replace("http://", "ws://") + s["stream"],
                        additional_headers={"Authorization": f"Bearer {s['token']}"}) as ws:
         json.loads(await ws.recv())
