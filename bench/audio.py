@@ -158,7 +158,9 @@ def stages(folder: Path, script: list[dict], checkpoint: Path, compare_full: boo
 class Server(ServeProcess):
     def __init__(self, checkpoint: Path, store: Path, asr_threads: int, asr_batch: int) -> None:
         super().__init__(checkpoint, store, ["--threads", "1", "--asr-threads", str(asr_threads),
-                                             "--asr-batch", str(asr_batch)])
+                                             "--asr-batch", str(asr_batch),
+                                             # one address stands for every participant here
+                                             "--create-rate", "600", "--create-burst", "100"])
 
 
 async def participant(ws_url: str, speaker: str, pcm: bytes, turns: list[dict], results: list, t0: float,
