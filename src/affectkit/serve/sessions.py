@@ -358,7 +358,7 @@ class SessionPool:
             except (AffectkitError, ValueError):
                 preds = {}
         for i, u in ready.items():
-            it, feats = items[i], ready[i]
+            it = items[i]
             try:
                 pred = preds[i] if i in preds else push_batch([lives[i].stream], [u])[0]
             except (AffectkitError, ValueError) as exc:
@@ -366,7 +366,7 @@ class SessionPool:
                 continue
             latency = (time.perf_counter() - it.received) * 1000
             rec = Record(it.session, pred.position, it.speaker, it.text,
-                         {m: np.asarray(feats[m], dtype=np.float32) for m in self.base.modalities},
+                         {m: np.asarray(u[m], dtype=np.float32) for m in self.base.modalities},
                          pred.label, pred.probs, latency)
             records.append(rec)
             touched.append(it.session)
