@@ -104,7 +104,9 @@ def test_a_silent_drivers_trial_is_failed_by_the_heartbeat_and_run_again(tmp_pat
         p.suggest(dead)
     dead.set_user_attr("driver", "elsewhere:1")
     storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.5)
+    # SQLite's clock (CURRENT_TIMESTAMP) has one-second steps and Optuna's check is strict ("older than grace"):
+    # 2.5 s of silence can read as 2 s; 3.5 s reads as 3 or 4 s, past the 2 s grace whatever the sub-second phase.
+    time.sleep(3.5)
     res = run_sweep(spec, data=data, out=out, threads=1, progress=False, heartbeat_s=1, grace_s=2)
     study = optuna.load_study(study_name="shared", storage=url)
     failed = study.trials[dead.number]
