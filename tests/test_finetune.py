@@ -443,6 +443,21 @@ def test_checkpoint_carries_its_encoder_into_the_stream(carried, tmp_path):
         weights.write_bytes(good)
 
 
+def test_the_fine_tuned_encoder_runs_on_onnx_with_the_same_answers(carried, tmp_path):
+    """The checkpoint's own encoder (speaker tags, past turns, left truncation) on ONNX Runtime: the same
+    logits as on torch, turn by turn."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from affectkit.stream import Stream
+
+    ckpt, _ = carried
+    on_torch, on_onnx = Stream(ckpt), Stream(ckpt, text_runtime="onnx")
+    for spk, sen in zip(SPK, SEN):
+        np.testing.assert_allclose(on_onnx.push_text(spk, sen).logits, on_torch.push_text(spk, sen).logits,
+                                   atol=1e-5)
+    assert type(on_onnx.engine.text_encoder().model).__name__ == "OnnxEncoder"
+
+
 def test_the_service_embeds_each_turn_with_its_session_past(carried, tmp_path):
     """The live service on a checkpoint whose encoder reads the speaker and past turns: sessions batched
     together (two turns of one session in the same batch too) answer exactly as one Stream per session

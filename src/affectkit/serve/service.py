@@ -61,6 +61,7 @@ class ServeSettings:
     retain_days: float | None = None  # sessions unused this long are deleted with their log (None: kept)
     allowed_hosts: tuple[str, ...] | None = None    # Host header values served (None: any; the CLI sets loopback)
     allowed_origins: tuple[str, ...] | None = None  # browser origins besides the page's own that may connect
+    text_runtime: str = "onnx"     # what runs the sentence encoder: onnx (same vectors as torch), torch, onnx-int8
 
     def __post_init__(self) -> None:
         at_least = {"max_batch": 1, "max_queue": 1, "max_live_sessions": 1, "max_message_bytes": 64,
@@ -80,6 +81,9 @@ class ServeSettings:
         for name in NON_NEGATIVE:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{FLAGS.get(name, name)} must be >= 0, got {getattr(self, name)}")
+        from affectkit.features.fast_encoder import check_runtime
+
+        check_runtime(self.text_runtime)
         if self.rate_burst < 1 or self.create_burst < 1:
             raise ConfigError("--rate-burst and --create-burst must be >= 1 (one frame or session at least)")
         if self.retain_days is not None and not (0 < self.retain_days < float("inf")):
@@ -103,7 +107,8 @@ FLAGS = {"max_batch": "--max-batch", "max_wait_ms": "--batch-wait-ms", "max_queu
          "api_key": "--api-key", "create_per_min": "--create-rate", "create_burst": "--create-burst",
          "max_sessions": "--max-sessions", "connect_per_min": "--connect-rate",
          "connect_burst": "--connect-burst", "max_utterances": "--max-utterances", "max_store_mb": "--max-store-mb",
-         "retain_days": "--retain", "allowed_hosts": "--allowed-host", "allowed_origins": "--allowed-origin"}
+         "retain_days": "--retain", "allowed_hosts": "--allowed-host", "allowed_origins": "--allowed-origin",
+         "text_runtime": "--text-runtime"}
 
 
 def model_identity(model: Any, info: dict[str, Any], text_encoder: str | None) -> dict[str, Any]:
@@ -124,13 +129,14 @@ def model_identity(model: Any, info: dict[str, Any], text_encoder: str | None) -
     return {"hash": h.hexdigest(), **meta}
 
 
-def identity_of(source: Any, embed: Any = None) -> dict[str, Any]:
+def identity_of(source: Any, embed: Any = None, text_runtime: str = "torch") -> dict[str, Any]:
     """The identity a :class:`Service` over ``source`` (checkpoint path or ``(model, info)``) with ``embed``
     records, for tools that write a log it will continue (tests, benches)."""
     model, info = _load(source)
     labels = info.get("label_names") or [str(k) for k in range(int(info["n_classes"]))]
     dims = {m: int(d) for m, d in info["dims"].items()}
-    return model_identity(model, {**info, "label_names": [str(n) for n in labels]}, _encoder_name(info, embed, dims))
+    return model_identity(model, {**info, "label_names": [str(n) for n in labels]},
+                          _encoder_name(info, embed, dims, text_runtime))
 
 
 class Service:
@@ -140,14 +146,14 @@ class Service:
                  embed: Any = None) -> None:
         self.settings = settings
         model, info = _load(source)
-        self.base = Stream((model, info), embed=embed, by_arrival=True)
+        self.base = Stream((model, info), embed=embed, by_arrival=True, text_runtime=settings.text_runtime)
         self.info = info
         self.modalities = list(self.base.modalities)
         self.dims = {m: int(info["dims"][m]) for m in self.modalities}
         self.labels = list(self.base.label_names)
         self.max_speakers = self.base.engine.n_speakers  # participants a session can have
         self.embed = _text_embedder(self.dims, embed, self.base.engine)
-        encoder = _encoder_name(info, embed, {m: int(d) for m, d in info["dims"].items()})
+        encoder = _encoder_name(info, embed, {m: int(d) for m, d in info["dims"].items()}, settings.text_runtime)
         self.identity = model_identity(model, {**info, "label_names": self.labels}, encoder)
         self.store = open_store(store_path)
         self.store.register_model(self.identity)
@@ -240,15 +246,18 @@ def _load(source: Any) -> tuple[Any, dict[str, Any]]:
     return model, info
 
 
-def _encoder_name(info: dict[str, Any], embed: Any, dims: dict[str, int]) -> str | None:
-    """Which encoder turns raw text into this model's text features (part of the model's identity)."""
+def _encoder_name(info: dict[str, Any], embed: Any, dims: dict[str, int], runtime: str = "torch") -> str | None:
+    """Which encoder turns raw text into this model's text features (part of the model's identity). The
+    float runtimes (``torch``, ``onnx``) give the same vectors and the same name; ``onnx-int8`` moves them, so
+    it is named: a session begun on one is not continued on the other."""
     if "text" not in dims:
         return None
-    if info.get("encoder") is not None:
-        return "fine-tuned:" + json.dumps(info["encoder"], sort_keys=True, default=str)
     if embed is not None:
         return "custom:" + getattr(embed, "__qualname__", type(embed).__name__)
-    return "all-MiniLM-L6-v2"
+    suffix = " (onnx-int8)" if runtime == "onnx-int8" else ""
+    if info.get("encoder") is not None:
+        return "fine-tuned:" + json.dumps(info["encoder"], sort_keys=True, default=str) + suffix
+    return "all-MiniLM-L6-v2" + suffix
 
 
 def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
@@ -259,7 +268,7 @@ def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
         return None
     if embed is not None:
         return embed
-    if engine is not None and engine.text_encoder() is not None:
+    if engine is not None and (engine.text_encoder() is not None or engine.text_runtime != "torch"):
         return engine.embed_inputs
     try:
         from affectkit.features import text as text_features
