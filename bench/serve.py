@@ -133,10 +133,11 @@ async def load(url: str, sessions: int, rate: float, duration: float, created: A
     salt = next(_LOADS) * 100_000
     out = {"latency": [], "server_ms": [], "errors": [], "sent": 0, "lost": 0, "done_sending": 0,
            "sessions": sessions, "created": 0}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(session(url, rate, duration, salt + k, out, created) for k in range(sessions)))
     lat = np.array(out["latency"]) * 1000
     return {"sessions": sessions, "rate": rate, "offered": sessions * rate, "sent": out["sent"],
+            "client_cpu_per_s": (time.process_time() - c0) / (time.perf_counter() - t0),
             "answered": len(lat), "throughput": len(lat) / duration, "wall": time.perf_counter() - t0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
@@ -247,6 +248,34 @@ def under_attack(url: str, sessions: int, rate: float, duration: float,
     return legit, attack
 
 
+def abuse_run(ckpt: Path, store: Path, runtime: str, args: Any, attacker_cpus: set[int] | None) -> dict:
+    """The target load on a fresh server (text encoder on ``runtime``), first alone, then under attack."""
+    burst = str(2 * args.sessions + 16)  # the bench's own sessions; the flood meets the limit
+    print(f"--- server with --text-runtime {runtime}", flush=True)
+    server = Server(ckpt, store, 32, args.threads, ("--create-burst", burst, "--text-runtime", runtime))
+    try:
+        asyncio.run(load(server.url, 4, 2, 2))  # warm up
+        cpu0 = server.cpu()
+        calm = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+        cpu1 = server.cpu()
+        show("legitimate, no attack", calm)
+        legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration, attacker_cpus)
+        cpu2 = server.cpu()
+    finally:
+        server.stop()
+    calm["server_cpu_per_s"] = (cpu1 - cpu0) / calm["wall"]
+    # the attack runs from 1 s before the legitimate load to about 3 s after it
+    legit["server_cpu_per_s"] = (cpu2 - cpu1) / (legit["wall"] + 4)
+    show("legitimate, under attack", legit)
+    print(f"attacker: session creations {attack['create']}; invalid frames answered {attack['frames']}; "
+          f"reconnects {attack['reconnects']}", flush=True)
+    print(f"CPU seconds per second: server {calm['server_cpu_per_s']:.2f} calm, "
+          f"{legit['server_cpu_per_s']:.2f} under attack; legitimate clients {calm['client_cpu_per_s']:.2f} calm, "
+          f"{legit['client_cpu_per_s']:.2f} under attack; the attacker's own client "
+          f"{attack['cpu_s'] / (args.duration + 3):.2f} (all on the same {os.cpu_count()} cores here)", flush=True)
+    return {"calm": calm, "legit": legit, "attack": attack}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a causal text checkpoint (default: the preset, random weights)")
@@ -259,6 +288,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--abuse", action="store_true", help="the target load while one client attacks (see above)")
+    p.add_argument("--text-runtime", nargs="+", default=["onnx"], choices=["torch", "onnx", "onnx-int8"],
+                   help="the servers' sentence-encoder runtime (--abuse: one server each, side by side; "
+                        "otherwise the first)")
     p.add_argument("--pin", action="store_true",
                    help="with --abuse: the attacker alone on the last CPU, the server and the legitimate clients on "
                         "the others (the attacker's client CPU stands for a remote machine's)")
@@ -276,36 +308,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
         if args.abuse:
-            burst = str(2 * args.sessions + 16)  # the bench's own sessions; the flood meets the limit
-            server = Server(ckpt, Path(tmp) / "abuse.db", 32, args.threads, ("--create-burst", burst))
-            try:
-                asyncio.run(load(server.url, 4, 2, 2))  # warm up
-                cpu0 = server.cpu()
-                calm = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
-                cpu1 = server.cpu()
-                show("legitimate, no attack", calm)
-                legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration, attacker_cpus)
-                cpu2 = server.cpu()
-            finally:
-                server.stop()
-            calm["server_cpu_per_s"] = (cpu1 - cpu0) / calm["wall"]
-            # the attack runs from 1 s before the legitimate load to about 3 s after it
-            legit["server_cpu_per_s"] = (cpu2 - cpu1) / (legit["wall"] + 4)
-            results["calm"] = calm
-            show("legitimate, under attack", legit)
-            print(f"attacker: session creations {attack['create']}; invalid frames answered {attack['frames']}; "
-                  f"reconnects {attack['reconnects']}", flush=True)
-            print(f"CPU seconds per second: server {calm['server_cpu_per_s']:.2f} calm, "
-                  f"{legit['server_cpu_per_s']:.2f} under attack; the attacker's own client "
-                  f"{attack['cpu_s'] / (args.duration + 3):.2f} (on the same 2 cores here)", flush=True)
-            results.update(legit=legit, attack=attack, load_after=os.getloadavg())
+            for runtime in args.text_runtime:
+                results[runtime] = abuse_run(ckpt, Path(tmp) / f"abuse-{runtime}.db", runtime, args, attacker_cpus)
+            if len(args.text_runtime) > 1:
+                print("side by side (p99 ms: no attack / under attack; server CPU s per utterance under attack):")
+                for runtime in args.text_runtime:
+                    r = results[runtime]
+                    per_utt = r["legit"]["server_cpu_per_s"] / max(r["legit"]["throughput"], 1e-9)
+                    print(f"  {runtime:9s} {r['calm']['p99_ms']:8.1f} / {r['legit']['p99_ms']:8.1f}   "
+                          f"lost {r['calm']['lost']} / {r['legit']['lost']}   {per_utt * 1000:.1f} ms")
+            results["load_after"] = os.getloadavg()
             print(f"load average after: {results['load_after']}")
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))
             return
         servers = [("batched", 32, ()), ("encoder-only", 32, ("--no-engine-batch",)), ("unbatched", 1, ())]
         for name, batch, extra in servers:
-            server = Server(ckpt, Path(tmp) / f"store-{name}.db", batch, args.threads, extra)
+            server = Server(ckpt, Path(tmp) / f"store-{name}.db", batch, args.threads,
+                            (*extra, "--text-runtime", args.text_runtime[0]))
             try:
                 asyncio.run(load(server.url, 4, 2, 2))  # warm up
                 if batch > 1:

@@ -114,3 +114,10 @@ def test_the_service_names_int8_in_the_model_identity():
     assert ServeSettings().text_runtime == "onnx"
     with pytest.raises(ConfigError, match="unknown text encoder runtime"):
         ServeSettings(text_runtime="fast")
+
+
+def test_int8_vectors_never_enter_the_float_cache(tmp_path):
+    SentenceEncoder(tmp_path, runtime="onnx-int8").embed(SENTENCES[:2])
+    floats = SentenceEncoder(tmp_path)
+    assert len(floats.cache) == 0
+    assert len(SentenceEncoder(tmp_path, runtime="onnx-int8").cache) == 2

@@ -183,6 +183,9 @@ def _session(path: Path, threads: int) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    # no busy-waiting between runs: in a service the event loop and the other sessions need that core
+    # (spinning bought 1.3x at 2 threads for twice the CPU; bench/README.md "Fast live encoder")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

@@ -238,6 +238,8 @@ class SentenceEncoder:
             self.dim = int(info["dim"])
             self.recipe = InputRecipe.from_dict(info["recipe"])
             cache_name = f"encoder-{self.ref['sha256'][:16]}"
+        if self.runtime == "onnx-int8":  # other vectors: never mixed into the float encoder's cache file
+            cache_name += "-int8"
         self.batch_size = batch_size
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -377,7 +379,7 @@ def get_encoder(cache_dir: str | Path | None = None, batch_size: int = 64,
 
 
 def _fold_encoders(encoder: str | Path | None, train: Sequence[Any], cache_dir: str | Path | None,
-                   batch_size: int) -> dict[str, SentenceEncoder]:
+                   batch_size: int, runtime: str = "torch") -> dict[str, SentenceEncoder]:
     """Train vid -> the encoder of the cross-fitting fold that held it out (all folds must be finished)."""
     from affectkit.features.encoder_ref import FOLDS, FOLDS_FILE, SUMMARY_FILE
 
@@ -391,7 +393,7 @@ def _fold_encoders(encoder: str | Path | None, train: Sequence[Any], cache_dir: 
     for f, vids in enumerate(plan["folds"]):
         if not (root / str(f) / SUMMARY_FILE).is_file():
             raise ConfigError(f"fold {f} of {encoder} is not finished; rerun finetune-text with --crossfit")
-        e = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=root / str(f))
+        e = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=root / str(f), runtime=runtime)
         owner.update({v: e for v in vids})
     missing = [d["vid"] for d in train if d["vid"] not in owner]
     if missing:
@@ -408,6 +410,7 @@ def build_text_features(
     progress: bool = True,
     encoder: str | Path | None = None,
     crossfit: bool = False,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Embed every sentence of a COSMIC dataset and write the conversation-layout pickle ``out``.
 
@@ -418,14 +421,15 @@ def build_text_features(
     ``encoder`` (a ``finetune-text`` folder) replaces the shipped model; ``meta["encoder_ref"]`` then
     records it (folder and content hash) for checkpoints trained on the file.  ``crossfit`` takes each
     train dialogue's vectors from the fold encoder (``finetune-text --crossfit K``) that was trained
-    without it; dev and test vectors always come from ``encoder`` itself.
+    without it; dev and test vectors always come from ``encoder`` itself.  ``runtime``: what runs the encoder
+    (:data:`~affectkit.features.fast_encoder.RUNTIMES`; ``meta["runtime"]`` records it).
     """
     start = time.perf_counter()
     data = load_cosmic(dataset, source)
-    enc = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=encoder)
+    enc = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=encoder, runtime=runtime)
     owner: dict[str, SentenceEncoder] = {}  # train vid -> its fold encoder when cross-fitting
     if crossfit:
-        owner = _fold_encoders(encoder, data.splits["train"], cache_dir, batch_size)
+        owner = _fold_encoders(encoder, data.splits["train"], cache_dir, batch_size, runtime)
     jobs: dict[int, tuple[SentenceEncoder, list[str]]] = {id(enc): (enc, [])}
     for e in owner.values():
         jobs.setdefault(id(e), (e, []))
@@ -454,7 +458,8 @@ def build_text_features(
         layout[split] = dialogues
     layout["label_names"] = list(data.label_names)
     layout["speakers"] = data.speaker_tags
-    layout["meta"] = {"dataset": data.dataset, "encoder": enc.model_name, "dim": enc.dim, "notes": data.notes}
+    layout["meta"] = {"dataset": data.dataset, "encoder": enc.model_name, "dim": enc.dim, "notes": data.notes,
+                      "runtime": runtime}
     if enc.ref is not None:
         layout["meta"]["encoder_ref"] = enc.ref
     if owner:
