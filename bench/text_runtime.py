@@ -7,8 +7,8 @@ training file is built from), ``onnx`` (ONNX Runtime, float32) and ``onnx-int8``
    split's real transcripts when ``--source`` has them, else random words), p50/p99 per runtime and the
    ratio to torch; all three measured in one run, interleaved sentence by sentence.
 2. **Accuracy** (needs ``--source`` with IEMOCAP): a causal text-only CORECT (``corect_iemocap6_causal.yaml``
-   with ``model.modalities=[text]``: the model the README serves) trained on the torch vectors, one run per seed; its test
-   weighted F1 and the share of test utterances whose predicted label changes when the test vectors come
+   with ``model.modalities=[text]``: the model the README serves) trained on the torch vectors, one run per
+   seed; its test weighted F1 and the share of test utterances whose predicted label changes when the test vectors come
    from each runtime instead (the live service embeds new turns with the runtime, the model was trained on
    torch vectors).
 
