@@ -373,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256,
                    help="waiting utterances beyond which new ones are refused as 'overloaded'")
     s.add_argument("--idle-evict", type=float, default=600.0, help="seconds before an idle session leaves memory")
-    s.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 on a busy machine)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of the model and the text encoder (default %(default)s; more only on a "
+                        "machine with nothing else to run)")
     s.add_argument("--max-live", type=int, default=1024, help="sessions kept in memory at most")
     s.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before a silent WebSocket is closed")
     s.add_argument("--rate", type=float, default=20.0, help="frames per second per session, valid or not (burst 2x)")

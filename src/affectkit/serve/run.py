@@ -86,11 +86,13 @@ def uvicorn_config(app: Any, cfg: ServeSettings, **options: Any) -> Any:
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
-          store: str | Path = "affectkit-sessions.db", threads: int | None = None, audio: Any = None,
+          store: str | Path = "affectkit-sessions.db", threads: int | None = 1, audio: Any = None,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, proxy_headers: bool = False,
           forwarded_allow_ips: str | None = None, **settings: Any) -> None:
     """Load ``checkpoint``, open ``store`` and serve until interrupted; prints ``serving on URL`` once ready.
-    ``threads``: torch intra-op threads (None: torch's default); ``audio``: the speech protocol's
+    ``threads``: torch and ONNX Runtime intra-op threads (default 1: with as many threads as cores, torch's
+    OpenMP regions wait on any other busy process, 20x slower per sentence here; None: torch's default);
+    ``audio``: the speech protocol's
     :class:`~affectkit.serve.audio_ws.AudioSettings` (None: its defaults); ``ssl_certfile``/``ssl_keyfile``:
     TLS by uvicorn; ``proxy_headers``/``forwarded_allow_ips``: trust X-Forwarded-For from these proxies (the
     client address the creation rate limit counts).  Other keywords are :class:`ServeSettings` fields."""
