@@ -15,7 +15,8 @@ training file is built from), ``onnx`` (ONNX Runtime, float32) and ``onnx-int8``
     python bench/text_runtime.py --source ../shared/data --work results/text_runtime --seeds 42 43 44
 
 Runs are resumable: finished trainings (``WORK/runs/seedS/best.pt``) and feature files are reused.  Prints
-everything and writes ``WORK/summary.json``.
+everything and writes ``WORK/summary.json`` (``summary_latency.json`` / ``summary_accuracy.json`` with
+``--skip-accuracy`` / ``--skip-latency``: the latency part wants a quiet machine, the accuracy part does not).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--sentences", type=int, default=600, help="sentences of the latency part")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def main() -> None:
             print(f"  {rt:9s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  mean {r['mean_ms']:6.2f} ms  "
                   f"CPU {r['cpu_ms']:6.2f} ms  ({lat['torch']['mean_ms'] / r['mean_ms']:.2f}x torch's speed)",
                   flush=True)
-    if source is not None:
+    if source is not None and not args.skip_accuracy:
         from affectkit.evaluate import evaluate_checkpoint
         from affectkit.features.text import build_text_features
         from affectkit.predict import predict_checkpoint
@@ -142,7 +144,8 @@ def main() -> None:
                   + (f"; labels changed vs torch {100 * np.mean([r[f'changed_{rt}'] for r in rows]):.2f}%"
                      if rt != "torch" else ""))
     summary["load_after"] = os.getloadavg()
-    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    name = "summary" + ("_latency" if args.skip_accuracy else "_accuracy" if args.skip_latency else "")
+    (work / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"load average after: {summary['load_after']}")
 
 
