@@ -47,13 +47,14 @@ def test_sentences(source: Path | None, n: int) -> tuple[list[str], str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 25))) for _ in range(n)], "random words"
 
 
-def latency(sentences: list[str], cache: Path) -> dict[str, dict[str, float]]:
+def latency(sentences: list[str], cache: Path, encoder: str | None = None) -> dict[str, dict[str, float]]:
     import torch
 
     from affectkit.features.text import SentenceEncoder
 
     torch.set_num_threads(1)
-    encoders = {rt: SentenceEncoder(cache, use_cache=False, runtime=rt, batch_size=1) for rt in RUNTIMES}
+    encoders = {rt: SentenceEncoder(cache, use_cache=False, runtime=rt, batch_size=1, encoder=encoder)
+                for rt in RUNTIMES}
     for e in encoders.values():
         e.encode(["warm up", "a second warm-up sentence"])
     times: dict[str, list[float]] = {rt: [] for rt in RUNTIMES}
@@ -94,6 +95,8 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=600, help="sentences of the latency part")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--encoder", help="latency of this encoder folder's runtimes instead of the shipped MiniLM's "
+                                     "(e.g. the assembled all-mpnet-base-v2)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -103,9 +106,10 @@ def main() -> None:
     print(f"load average before: {summary['load_before']}", flush=True)
     if not args.skip_latency:
         sentences, what = test_sentences(source, args.sentences)
-        lat = latency(sentences, cache)
-        summary["latency"] = {"sentences": what, **lat}
-        print(f"per-sentence embedding latency, one thread, batch 1, {what}:")
+        lat = latency(sentences, cache, args.encoder)
+        name = Path(args.encoder).name if args.encoder else "all-MiniLM-L6-v2"
+        summary["latency"] = {"sentences": what, "encoder": name, **lat}
+        print(f"per-sentence embedding latency of {name}, one thread, batch 1, {what}:")
         for rt in RUNTIMES:
             r = lat[rt]
             print(f"  {rt:9s} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  mean {r['mean_ms']:6.2f} ms  "
@@ -145,6 +149,8 @@ def main() -> None:
                      if rt != "torch" else ""))
     summary["load_after"] = os.getloadavg()
     name = "summary" + ("_latency" if args.skip_accuracy else "_accuracy" if args.skip_latency else "")
+    if args.encoder:
+        name += "_" + Path(args.encoder).name
     (work / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"load average after: {summary['load_after']}")
 

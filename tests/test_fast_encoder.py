@@ -121,3 +121,23 @@ def test_int8_vectors_never_enter_the_float_cache(tmp_path):
     floats = SentenceEncoder(tmp_path)
     assert len(floats.cache) == 0
     assert len(SentenceEncoder(tmp_path, runtime="onnx-int8").cache) == 2
+
+
+def test_int8_falls_back_to_float_feed_forward_outputs_then_refuses(tmp_path, monkeypatch):
+    """Quantising every layer first; when the probes move too far, again with the feed-forward output layers
+    kept float (one per transformer layer); when that is still too far, a one-line error and no file."""
+    calls = []
+    real = fast_encoder._quantize
+
+    def spy(source, target, keep_float):
+        calls.append(list(keep_float))
+        real(source, target, keep_float)
+
+    monkeypatch.setattr(fast_encoder, "_quantize", spy)
+    monkeypatch.setattr(fast_encoder, "INT8_MIN_COSINE", 0.9999999)
+    with pytest.raises(DataError, match="moves vectors too far") as err:
+        _onnx(tmp_path, "onnx-int8")
+    assert "\n" not in str(err.value)
+    assert calls[0] == [] and len(calls) == 2
+    assert len(calls[1]) == 6 and all("/output/dense/" in n and "attention" not in n for n in calls[1])  # MiniLM-L6
+    assert not list((tmp_path / "onnx").glob("*.onnx"))
