@@ -256,6 +256,16 @@ def test_stream_loads_the_checkpoints_encoder_even_on_a_fresh_cache(mpnet_checkp
     assert packaged.intact(mpnet_checkpoint["spec"], tmp_path / "elsewhere" / "encoders" / "all-mpnet-base-v2")
     assert session.engine.text_encoder().model_name == "all-mpnet-base-v2"
 
+    import io
+
+    from affectkit.cli import run_lines
+    from affectkit.serve.service import _text_embedder
+
+    out, err = io.StringIO(), io.StringIO()  # affectkit stream, and the service's embedder, on the same checkpoint
+    assert run_lines(Stream(ckpt), ["M\ti am happy today\n", "F\tyou are sad\n"], out, err) == (2, 0)
+    engine = Stream(ckpt).engine
+    np.testing.assert_allclose(_text_embedder(engine.dims, None, engine)(["you are sad"]), want[1:], atol=1e-6)
+
     other = write_tiny_mpnet(tmp_path / "other", seed=1)  # same name and files, other weights
     spec, paths = _split_zip(other, tmp_path / "site2")
     monkeypatch.setitem(packaged.PACKAGED, "mpnet", spec)
