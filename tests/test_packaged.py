@@ -216,6 +216,26 @@ def test_cli_finetune_on_mpnet_and_the_base_check(fake_mpnet, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+def test_crossfit_on_mpnet(fake_mpnet, tmp_path):
+    """Cross-fitting works on the mpnet base as on MiniLM: fold encoders fine-tuned from it, train vectors from
+    the fold that held each dialogue out."""
+    from affectkit.features.finetune import FinetuneConfig, finetune_crossfit, finetune_text
+    from affectkit.features.packaged import base_dir
+    from affectkit.features.text import build_text_features
+
+    cfg = FinetuneConfig(epochs=1, batch_size=16, max_length=16, lr=3e-3)
+    enc = tmp_path / "enc"
+    finetune_text("iemocap", fake_mpnet["data"], enc, cfg, progress=False, base=base_dir("mpnet"), threads=1)
+    folds = finetune_crossfit("iemocap", fake_mpnet["data"], enc, 2, cfg, progress=False, base=base_dir("mpnet"),
+                              threads=1)
+    assert [f["base"] for f in folds] == ["all-mpnet-base-v2"] * 2
+    s = build_text_features("iemocap", fake_mpnet["data"], tmp_path / "f.pkl", cache_dir=tmp_path / "vec",
+                            progress=False, encoder=enc, crossfit=True, base="mpnet")
+    assert s["crossfit_folds"] == 2
+    meta = safe_load(tmp_path / "f.pkl")["meta"]
+    assert meta["dim"] == 16 and len(meta["crossfit"]) == 2
+
+
 @pytest.fixture()
 def mpnet_checkpoint(fake_mpnet, tmp_path) -> dict:
     """A causal text CORECT checkpoint trained on frozen fake-mpnet features (16-d: dims from the data)."""
