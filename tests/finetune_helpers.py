@@ -27,15 +27,37 @@ def write_tiny_base(folder: Path, seed: int = 0) -> Path:
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(folder)
+    _write_st_files(folder, 16)
+    return folder
+
+
+def write_tiny_mpnet(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised 1-layer, 16-wide MPNet plus tokenizer, in sentence-transformers' folder layout
+    (a stand-in for all-mpnet-base-v2: same architecture and files, 27 words)."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    MPNetTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = MPNetConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=66)
+    MPNetModel(cfg).save_pretrained(folder)
+    _write_st_files(folder, 16)
+    return folder
+
+
+def _write_st_files(folder: Path, dim: int) -> None:
     (folder / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        {"word_embedding_dimension": dim, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
          "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
-    return folder
 
 
 def tiny_iemocap(n_train: int = 8, n_valid: int = 2, n_test: int = 2, turns: int = 5, seed: int = 0) -> list:

@@ -44,10 +44,11 @@ def live_encoder(monkeypatch):
 
     import affectkit.features.text as ft
     import affectkit.stream as stream_mod
+    from affectkit.serve.service import ServeSettings
 
     monkeypatch.setattr(ft, "LIVE_CACHE_ENTRIES", TEXT_LIMIT)
     stream_mod._sentence_encoder.cache_clear()
-    enc = stream_mod._sentence_encoder()
+    enc = stream_mod._sentence_encoder(ServeSettings().text_runtime)  # the service's default runtime
     monkeypatch.setattr(enc, "encode", lambda sentences, progress=False: fake_embed(list(sentences), ft.DIM))
     yield enc
     stream_mod._sentence_encoder.cache_clear()

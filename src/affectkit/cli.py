@@ -209,7 +209,7 @@ def cmd_features(args: argparse.Namespace) -> None:
 
     summary = build_text_features(args.dataset, Path(args.source), Path(args.out), cache_dir=args.cache,
                                   batch_size=args.batch_size, progress=True, encoder=args.encoder,
-                                  crossfit=args.crossfit)
+                                  crossfit=args.crossfit, base=args.encoder_base)
     print(f"wrote {summary['out']} ({summary['encoder']}): dialogues {summary['dialogues']}, "
           f"utterances {summary['utterances']}; "
           f"{summary['embedded']} sentences embedded, {summary['cached']} from the cache "
@@ -266,7 +266,14 @@ def cmd_finetune_text(args: argparse.Namespace) -> None:
     cfg = FinetuneConfig(context=args.context, speaker=args.speaker, class_weights=args.class_weights,
                          epochs=args.epochs, seed=args.seed, max_length=args.max_length,
                          batch_size=args.batch_size, lr=args.lr)
-    run = dict(cfg=cfg, progress=not args.quiet, base=args.base, threads=args.threads)
+    base = args.base
+    if args.encoder_base is not None:
+        from affectkit.features.packaged import base_dir
+
+        if args.base is not None:
+            raise ConfigError("give --base DIR or --encoder-base NAME, not both")
+        base = base_dir(args.encoder_base)
+    run = dict(cfg=cfg, progress=not args.quiet, base=base, threads=args.threads)
     if args.crossfit and (Path(args.out) / SUMMARY_FILE).is_file():  # main encoder done: resume the folds
         s = json.loads((Path(args.out) / SUMMARY_FILE).read_text())
     else:
@@ -454,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", help="embedding cache folder (default $AFFECTKIT_CACHE or ~/.cache/affectkit)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--encoder", metavar="DIR", help="a finetune-text output folder instead of the shipped encoder")
+    s.add_argument("--encoder-base", metavar="NAME",
+                   help="frozen base encoder: minilm (all-MiniLM-L6-v2, 384-d; the default) or mpnet "
+                        "(all-mpnet-base-v2, 768-d, assembled once from its packages); with --encoder, its base")
     s.add_argument("--crossfit", action="store_true",
                    help="train-split vectors from the encoder's fold encoders (finetune-text --crossfit K)")
     s.set_defaults(func=cmd_features)
@@ -481,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=5e-5)
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     s.add_argument("--base", help="base encoder folder (default: the shipped all-MiniLM-L6-v2)")
+    s.add_argument("--encoder-base", metavar="NAME",
+                   help="base encoder by name instead of --base: minilm (the default) or mpnet (all-mpnet-base-v2)")
     s.add_argument("--crossfit", type=int, default=0, metavar="K",
                    help="also train K fold encoders, each without one train fold (for features --crossfit)")
     s.set_defaults(func=cmd_finetune_text)

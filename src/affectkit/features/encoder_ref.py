@@ -1,7 +1,8 @@
 """A fine-tuned encoder folder: its content hash, the reference a feature file or checkpoint records,
 loading it back with a check that it is the same encoder, and embedding text with it.
 
-The reference is ``{"folder": str, "sha256": hex, "name": str}``; the hash covers every file that changes
+The reference is ``{"folder": str, "sha256": hex, "name": str}`` (plus ``"packaged": "mpnet"`` for a packaged
+base encoder used frozen, :mod:`affectkit.features.packaged`); the hash covers every file that changes
 the vectors (weights, tokenizer, config, input recipe) and leaves out the training summary and the
 resumable Trainer checkpoints.  Whoever embeds raw text for a model (``Stream.push_text``, the live
 service) calls ``verify_encoder`` (or ``load_reference_encoder``) so vectors of another encoder never
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +35,25 @@ FOLDS_FILE = "folds.json"
 _NOT_HASHED = {SUMMARY_FILE}
 
 
-def _file_sha256(path: Path) -> str:
+#: (path, size, mtime, inode, device) -> sha256 of files whose mtime was at least ``_SETTLED_S`` old when
+#: hashed: a 438 MB encoder is hashed once per process, not at every check; a file written since (or within
+#: the file system's timestamp step of the hashing, git's "racy" case) is hashed again.
+_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+_SETTLED_S = 2.0
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, hex (remembered for an unchanged, settled file)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if key in _HASHES:
+        return _HASHES[key]
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    if time.time() - st.st_mtime > _SETTLED_S:
+        _HASHES[key] = h.hexdigest()
     return h.hexdigest()
 
 
@@ -57,7 +73,7 @@ def encoder_sha256(folder: str | Path) -> str:
     folder = Path(folder)
     h = hashlib.sha256()
     for rel in encoder_files(folder):
-        h.update(f"{rel.as_posix()}\0{_file_sha256(folder / rel)}\n".encode())
+        h.update(f"{rel.as_posix()}\0{file_sha256(folder / rel)}\n".encode())
     return h.hexdigest()
 
 
@@ -84,6 +100,9 @@ def encoder_record(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder).resolve()
     info = read_encoder_info(folder)
     sha = encoder_sha256(folder)
+    if info.get("packaged"):  # a packaged base used frozen (affectkit.features.packaged), found again by name
+        return {"folder": str(folder), "sha256": sha, "name": str(info.get("base", info["packaged"])),
+                "packaged": str(info["packaged"])}
     return {"folder": str(folder), "sha256": sha, "name": f"{info.get('base', 'encoder')}-ft-{sha[:12]}"}
 
 
@@ -98,16 +117,25 @@ def encoder_reference(data_meta: Mapping[str, Any] | None) -> dict[str, Any] | N
         ref.get("sha256"), str
     ):
         raise DataError(f"malformed encoder reference {ref!r}: need folder and sha256")
-    return {"folder": ref["folder"], "sha256": ref["sha256"], "name": str(ref.get("name", ""))}
+    out = {"folder": ref["folder"], "sha256": ref["sha256"], "name": str(ref.get("name", ""))}
+    if ref.get("packaged"):
+        out["packaged"] = str(ref["packaged"])
+    return out
 
 
 def verify_encoder(ref: Mapping[str, Any], folder: str | Path | None = None) -> Path:
     """Check that the encoder ``ref`` names is present and unchanged; return its folder.
 
-    ``folder`` overrides the recorded location (the encoder was moved).  Raises a one-line DataError when
-    it is missing or its content hash differs from the recorded one.
+    ``folder`` overrides the recorded location (the encoder was moved).  A packaged base (``"packaged"`` in
+    ``ref``, e.g. the frozen all-mpnet-base-v2) whose recorded folder is absent is taken from this machine's
+    cache, assembled there if need be.  Raises a one-line DataError when it is missing or its content hash
+    differs from the recorded one.
     """
     where = Path(folder if folder is not None else ref["folder"])
+    if folder is None and ref.get("packaged") and not (where / ENCODER_FILE).is_file():
+        from affectkit.features.packaged import packaged_dir
+
+        where = packaged_dir(str(ref["packaged"]))
     if not (where / ENCODER_FILE).is_file():
         raise DataError(f"the encoder that built this model's features is missing: {where} "
                         f"(sha256 {str(ref['sha256'])[:12]})")

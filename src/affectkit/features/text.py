@@ -6,10 +6,11 @@ the rest of affectkit works without it.  Vectors are cached in one file per mode
 (float32, one row per key), written with ``np.savez`` and read with ``allow_pickle=False``: a second run
 embeds nothing and does not even load the model.
 
-A fine-tuned encoder folder (``affectkit finetune-text``; ``encoder=DIR``) replaces the shipped model: its
-cache file is named by the folder's content hash (``encoder-<sha256[:16]>.npz``), so vectors of two
-encoders never mix, and its input recipe (past context, speaker tags) decides what each utterance's
-cache key and model input are.
+A fine-tuned encoder folder (``affectkit finetune-text``; ``encoder=DIR``), or the frozen all-mpnet-base-v2
+(768-d; ``base="mpnet"``, assembled from its packages by :mod:`affectkit.features.packaged`), replaces the
+shipped model: its cache file is named by the folder's content hash (``encoder-<sha256[:16]>.npz``), so
+vectors of two encoders never mix, and its input recipe (past context, speaker tags) decides what each
+utterance's cache key and model input are.
 
 In memory the cache keeps every vector it read or made unless given ``max_entries`` (a live service: see
 :data:`LIVE_CACHE_ENTRIES`), then it is a least-recently-used cache of that many vectors; with no file
@@ -197,8 +198,8 @@ class EmbeddingCache:
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 (or a fine-tuned ``encoder`` folder) on the CPU with a cache; ``embed`` returns
-    float32 (N, dim).
+    """all-MiniLM-L6-v2 (or an ``encoder`` folder: fine-tuned, or the assembled all-mpnet-base-v2) on the CPU
+    with a cache; ``embed`` returns float32 (N, dim).
 
     ``cached``/``embedded`` count distinct sentences served from the cache / run through the model
     since the encoder was made (duplicates within a call are embedded once).  ``ref`` is the encoder
@@ -315,7 +316,7 @@ class SentenceEncoder:
         return out
 
     def embed(self, sentences: Sequence[str], progress: bool = False, save: bool = True) -> np.ndarray:
-        """Vectors for ``sentences`` (float32, (N, 384)), embedding only those not in the cache.
+        """Vectors for ``sentences`` (float32, (N, dim)), embedding only those not in the cache.
 
         ``save=False`` keeps new vectors in memory only (a streaming caller calls ``save_cache`` later).
         """
@@ -410,21 +411,28 @@ def build_text_features(
     progress: bool = True,
     encoder: str | Path | None = None,
     crossfit: bool = False,
+    base: str | None = None,
     runtime: str = "torch",
 ) -> dict[str, Any]:
     """Embed every sentence of a COSMIC dataset and write the conversation-layout pickle ``out``.
 
     ``dataset`` is "iemocap", "iemocap4" or "meld"; ``source`` the data root (or the dataset's folder or
     pickle).  The file holds ``{"train"|"dev"|"test": [dialogue, ...], "label_names", "speakers", "meta"}``,
-    each dialogue ``{"vid", "speakers", "labels", "text": float32 (N, 384), "sentence"}``: plain containers
-    and numpy arrays only, so ``affectkit.safe_pickle.safe_load`` reads it.  Returns a summary dict.
-    ``encoder`` (a ``finetune-text`` folder) replaces the shipped model; ``meta["encoder_ref"]`` then
-    records it (folder and content hash) for checkpoints trained on the file.  ``crossfit`` takes each
-    train dialogue's vectors from the fold encoder (``finetune-text --crossfit K``) that was trained
-    without it; dev and test vectors always come from ``encoder`` itself.  ``runtime``: what runs the encoder
-    (:data:`~affectkit.features.fast_encoder.RUNTIMES`; ``meta["runtime"]`` records it).
+    each dialogue ``{"vid", "speakers", "labels", "text": float32 (N, dim), "sentence"}`` (dim 384; 768 for
+    mpnet): plain containers and numpy arrays only, so ``affectkit.safe_pickle.safe_load`` reads it.
+    Returns a summary dict.  ``encoder`` (a ``finetune-text`` folder) replaces the shipped model;
+    ``meta["encoder_ref"]`` then records it (folder and content hash) for checkpoints trained on the file.
+    ``crossfit`` takes each train dialogue's vectors from the fold encoder (``finetune-text --crossfit K``)
+    that was trained without it; dev and test vectors always come from ``encoder`` itself.  ``base``
+    ("minilm" or "mpnet", :mod:`affectkit.features.packaged`) picks the frozen base encoder when there is no
+    ``encoder`` (mpnet's folder is then recorded like a fine-tuned one), and must match ``encoder``'s base
+    when both are given.  ``runtime``: what runs the encoder (:data:`~affectkit.features.fast_encoder.RUNTIMES`;
+    ``meta["runtime"]`` records it).
     """
+    from affectkit.features.packaged import resolve_encoder
+
     start = time.perf_counter()
+    encoder = resolve_encoder(base, encoder)
     data = load_cosmic(dataset, source)
     enc = SentenceEncoder(cache_dir, batch_size=batch_size, encoder=encoder, runtime=runtime)
     owner: dict[str, SentenceEncoder] = {}  # train vid -> its fold encoder when cross-fitting
