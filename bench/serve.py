@@ -44,7 +44,9 @@ WORDS = ("well I really think that we should talk about what happened yesterday 
          "was not fair to anyone and you know it so please just listen to me for a minute okay").split()
 
 
-def make_checkpoint(folder: Path) -> Path:
+def make_checkpoint(folder: Path, encoder_base: str = "minilm") -> Path:
+    """The text-only causal preset with random weights, on MiniLM's 384-d vectors or (``mpnet``) on the
+    assembled all-mpnet-base-v2's 768-d ones, recorded in the checkpoint as its encoder."""
     import torch
 
     from affectkit.checkpoint import save_checkpoint
@@ -52,11 +54,17 @@ def make_checkpoint(folder: Path) -> Path:
     from affectkit.models import build_model
 
     cfg = load_config(ROOT / "configs" / "corect_iemocap6_causal.yaml", ["model.modalities=[text]"])
-    info = {"dims": {"text": 384}, "n_classes": 6, "label_names": ["hap", "sad", "neu", "ang", "exc", "fru"],
-            "n_speakers": 2, "speakers": ["F", "M"]}
+    info: dict[str, Any] = {"dims": {"text": 384}, "n_classes": 6, "n_speakers": 2, "speakers": ["F", "M"],
+                            "label_names": ["hap", "sad", "neu", "ang", "exc", "fru"]}
+    if encoder_base == "mpnet":
+        from affectkit.features.encoder_ref import encoder_record
+        from affectkit.features.packaged import packaged_dir
+
+        info["encoder"] = encoder_record(packaged_dir("mpnet"))
+        info["dims"] = {"text": 768}
     torch.manual_seed(0)
     model = build_model(cfg.model_name, cfg.model_params, info)
-    path = folder / "causal_text.pt"
+    path = folder / f"causal_text_{encoder_base}.pt"
     save_checkpoint(path, cfg, info, model)
     return path
 
@@ -288,6 +296,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--abuse", action="store_true", help="the target load while one client attacks (see above)")
+    p.add_argument("--servers", nargs="+", default=["batched", "encoder-only", "unbatched"],
+                   choices=["batched", "encoder-only", "unbatched"], help="which servers the load runs on")
+    p.add_argument("--encoder-base", nargs="+", default=["minilm"], choices=["minilm", "mpnet"],
+                   help="the checkpoint's text encoder (default: the preset on MiniLM); several: one after another")
     p.add_argument("--text-runtime", nargs="+", default=["onnx"], choices=["torch", "onnx", "onnx-int8"],
                    help="the servers' sentence-encoder runtime (--abuse: one server each, side by side; "
                         "otherwise the first)")
@@ -306,7 +318,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     results: dict = {"load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.encoder_base[0])
         if args.abuse:
             for runtime in args.text_runtime:
                 results[runtime] = abuse_run(ckpt, Path(tmp) / f"abuse-{runtime}.db", runtime, args, attacker_cpus)
@@ -322,7 +334,34 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=2))
             return
-        servers = [("batched", 32, ()), ("encoder-only", 32, ("--no-engine-batch",)), ("unbatched", 1, ())]
+        if len(args.encoder_base) > 1 or len(args.text_runtime) > 1:  # encoders x runtimes, batched, side by side
+            for base in args.encoder_base:
+                ckpt = make_checkpoint(Path(tmp), base)
+                for runtime in args.text_runtime:
+                    key = f"{base} {runtime}"
+                    server = Server(ckpt, Path(tmp) / f"store-{base}-{runtime}.db", 32, args.threads,
+                                    ("--text-runtime", runtime))
+                    try:
+                        asyncio.run(load(server.url, 4, 2, 2))  # warm up
+                        r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+                        show(f"target ({key})", r)
+                        results[f"target {key}"] = r
+                        results[key] = max_sustained(server.url, args.sessions, args.rates, args.step_duration,
+                                                     args.p99_ms, key)
+                    finally:
+                        server.stop()
+            print(f"max sustained at p99 < {args.p99_ms:g} ms (batched server, every sentence new):")
+            for base in args.encoder_base:
+                for runtime in args.text_runtime:
+                    r = results.get(f"{base} {runtime}")
+                    print(f"  {base:6s} {runtime:9s} {r['throughput'] if r else 0:.1f}/s")
+            results["load_after"] = os.getloadavg()
+            print(f"load average after: {results['load_after']}")
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return
+        servers = [(n, b, e) for n, b, e in (("batched", 32, ()), ("encoder-only", 32, ("--no-engine-batch",)),
+                                               ("unbatched", 1, ())) if n in args.servers]
         for name, batch, extra in servers:
             server = Server(ckpt, Path(tmp) / f"store-{name}.db", batch, args.threads,
                             (*extra, "--text-runtime", args.text_runtime[0]))
