@@ -256,6 +256,20 @@ def under_attack(url: str, sessions: int, rate: float, duration: float,
     return legit, attack
 
 
+def target_and_steps(server: Server, name: str, args: Any, results: dict, target: bool) -> None:
+    """On a started ``server``: a warm-up, the target load (when ``target``), then the rate steps of the
+    maximum sustained throughput; figures into ``results`` under ``name``; the server is stopped."""
+    try:
+        asyncio.run(load(server.url, 4, 2, 2))  # warm up
+        if target:
+            r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
+            show(f"target ({name})", r)
+            results[f"target {name}"] = r
+        results[name] = max_sustained(server.url, args.sessions, args.rates, args.step_duration, args.p99_ms, name)
+    finally:
+        server.stop()
+
+
 def abuse_run(ckpt: Path, store: Path, runtime: str, args: Any, attacker_cpus: set[int] | None) -> dict:
     """The target load on a fresh server (text encoder on ``runtime``), first alone, then under attack."""
     burst = str(2 * args.sessions + 16)  # the bench's own sessions; the flood meets the limit
@@ -341,15 +355,7 @@ def main() -> None:
                     key = f"{base} {runtime}"
                     server = Server(ckpt, Path(tmp) / f"store-{base}-{runtime}.db", 32, args.threads,
                                     ("--text-runtime", runtime))
-                    try:
-                        asyncio.run(load(server.url, 4, 2, 2))  # warm up
-                        r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
-                        show(f"target ({key})", r)
-                        results[f"target {key}"] = r
-                        results[key] = max_sustained(server.url, args.sessions, args.rates, args.step_duration,
-                                                     args.p99_ms, key)
-                    finally:
-                        server.stop()
+                    target_and_steps(server, key, args, results, target=True)
             print(f"max sustained at p99 < {args.p99_ms:g} ms (batched server, every sentence new):")
             for base in args.encoder_base:
                 for runtime in args.text_runtime:
@@ -365,16 +371,7 @@ def main() -> None:
         for name, batch, extra in servers:
             server = Server(ckpt, Path(tmp) / f"store-{name}.db", batch, args.threads,
                             (*extra, "--text-runtime", args.text_runtime[0]))
-            try:
-                asyncio.run(load(server.url, 4, 2, 2))  # warm up
-                if batch > 1:
-                    r = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
-                    show(f"target ({name})", r)
-                    results[f"target {name}"] = r
-                results[name] = max_sustained(server.url, args.sessions, args.rates, args.step_duration,
-                                              args.p99_ms, name)
-            finally:
-                server.stop()
+            target_and_steps(server, name, args, results, target=batch > 1)
     b, e, u = results.get("batched"), results.get("encoder-only"), results.get("unbatched")
     if b and e:
         print(f"engine batching vs encoder-only at p99 < {args.p99_ms:g} ms: {b['throughput']:.1f}/s vs "
