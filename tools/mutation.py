@@ -65,18 +65,23 @@ TARGETS: tuple[Target, ...] = (
     Target("steps", "affectkit.models.steps",
            ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
     Target("corect_causal", "affectkit.models.corect",
-           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
-           ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges",
-            "xǁCorectǁinit_state", "xǁCorectǁstate_reach", "xǁCorectǁ_check_step")),
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py",
+            "tests/test_corect.py"),
+           ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges", "xǁCorectǁencode",
+            "xǁCorectǁforward", "xǁCorectǁinit_state", "xǁCorectǁstate_reach", "xǁCorectǁ_check_step"),
+           select="not learns_planted_signal"),
     Target("attention_causal", "affectkit.models.attention",
-           ("tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
-           ("x_attention_mask", "xǁKVCacheǁupdate", "xǁKVCacheǁmask", "xǁTransformerStackǁforward")),
+           ("tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py", "tests/test_corect.py"),
+           ("x_attention_mask", "xǁRaggedǁ__init__", "xǁRaggedǁpad", "xǁRaggedǁattend", "xǁKVCacheǁ__init__",
+            "xǁKVCacheǁupdate", "xǁKVCacheǁmask", "xǁMultiHeadAttentionǁforward", "xǁTransformerStackǁforward"),
+           select="not learns_planted_signal"),
     Target("inputs", "affectkit.features.inputs", ("tests/test_inputs.py", "tests/test_finetune.py"),
            select="utterance_input or recipe or future or truncated or past_only or range or last_utterance"),
     Target("store", "affectkit.serve.store.sqlite", ("tests/test_store.py", "tests/test_serve.py",
                                                       "tests/test_serve_exposure.py")),
     Target("store_postgres", "affectkit.serve.store.postgres", ("tests/test_store.py",
-                                                                "tests/test_serve_replicas.py")),
+                                                                "tests/test_serve_replicas.py"),
+           select="not failover_through_haproxy"),  # an end-to-end run (processes, haproxy): minutes a mutant
     Target("access", "affectkit.serve.access", ("tests/test_access.py", "tests/test_serve_exposure.py",
                                                  "tests/test_serve.py")),
     Target("resume", "affectkit.studies.run", ("tests/test_resume.py",), ("x_is_done",)),
@@ -166,17 +171,38 @@ def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
             "survivors": survivors, "equivalent": equiv, "unchecked": counts.get("not checked", 0)}
 
 
-SQL_WORDS = ("SELECT", "INSERT", "DELETE", "UPDATE", "BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "CREATE")
+SQL_WORDS = ("SELECT", "INSERT", "DELETE", "UPDATE", "BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "CREATE", "ALTER",
+             "FROM", "WHERE", "ORDER")
 
 
 def sql_case_only(t: Target, key: str) -> bool:
-    """Whether mutant ``key`` only changes the letter case of an SQL statement (asked of ``mutmut show``)."""
-    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=SCRATCH / t.name,
-                           capture_output=True, text=True, check=False).stdout.splitlines()
-    old = [ln[1:] for ln in shown if ln.startswith("-") and not ln.startswith("---")]
-    new = [ln[1:] for ln in shown if ln.startswith("+") and not ln.startswith("+++")]
+    """Whether mutant ``key`` only changes the letter case of an SQL statement (its lines against the
+    original's, read from mutmut's mutated copy of the module)."""
+    old, new = mutant_diff(t, key)
     return (len(old) == len(new) >= 1 and all(a != b and a.lower() == b.lower() for a, b in zip(old, new))
             and any(w in a.upper() for a in old for w in SQL_WORDS))
+
+
+_SOURCES: dict[str, dict[str, str]] = {}
+
+
+def mutant_diff(t: Target, key: str) -> tuple[list[str], list[str]]:
+    """The lines mutant ``key`` removes and adds (what ``mutmut show`` prints, without a process per mutant)."""
+    import ast
+    import difflib
+
+    path = SCRATCH / t.name / "mutants" / t.path
+    if str(path) not in _SOURCES:
+        src = path.read_text() if path.is_file() else ""
+        lines = src.splitlines()
+        _SOURCES[str(path)] = {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
+                               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    funcs = _SOURCES[str(path)]
+    name = key.rsplit(".", 1)[1]
+    orig, mutant = funcs.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", ""), funcs.get(name, "")
+    diff = list(difflib.unified_diff(orig.splitlines()[1:], mutant.splitlines()[1:], lineterm="", n=0))
+    return ([ln[1:] for ln in diff if ln.startswith("-") and not ln.startswith("---")],
+            [ln[1:] for ln in diff if ln.startswith("+") and not ln.startswith("+++")])
 
 
 def report(rows: list[dict[str, object]], equivalent: dict[str, str]) -> str:
