@@ -129,6 +129,21 @@ def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
         assert own[q].tolist() == [j <= q for j in range(3)]
 
 
+def test_a_rewind_is_exact_only_while_the_rows_a_step_reads_are_held():
+    """``can_rewind(n)``: a step at ``n`` reads the window's ``n - window + 1 .. n - 1`` (all earlier ones
+    without a window); a fixed ring of 6 slots for a window of 4 keeps them for two rewinds, no further; a
+    grown ring keeps every position it has room for, and none it has not seen yet."""
+    assert Ring(1, 4, 6, torch.device("cpu")).needed(10) == range(7, 10)
+    assert Ring(1, 4, 6, torch.device("cpu")).needed(2) == range(0, 2)
+    assert Ring(1, None, None, torch.device("cpu")).needed(3) == range(0, 3)
+    fixed = StepState(torch.tensor([10]), {"attention": _ring(4, 6, 10)})  # holds positions 4..9
+    assert [fixed.can_rewind(n) for n in (10, 9, 8, 7, 6, 5)] == [True, True, True, True, False, False]
+    grown = StepState(torch.tensor([16]), {"attention": _ring(None, None, 16)})  # 16 slots, all used
+    assert grown.rings["attention"].capacity == 16
+    assert [grown.can_rewind(n) for n in (0, 1, 15, 16)] == [True, True, True, True]
+    assert grown.can_rewind(17) is False  # position 16 was never stored (nor room made for it)
+
+
 def _corect(**over):
     from affectkit.models import build_model
 

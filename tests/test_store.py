@@ -137,6 +137,8 @@ def test_durability_names_every_setting(tmp_path):
     for value, name in ((0, "OFF"), (1, "NORMAL"), (2, "FULL"), (3, "EXTRA")):
         store._db.execute(f"PRAGMA synchronous={value}")
         assert store.durability() == {"journal_mode": "wal", "synchronous": name}
+    store._db.execute("PRAGMA synchronous=4")  # SQLite keeps a number it has no name for: shown as the number
+    assert store.durability() == {"journal_mode": "wal", "synchronous": "4"}
     store.close()
 
 

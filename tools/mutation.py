@@ -62,8 +62,22 @@ TARGETS: tuple[Target, ...] = (
     Target("selection", "affectkit.selection", ("tests/test_selection.py",)),
     Target("safe_pickle", "affectkit.safe_pickle", ("tests/test_safe_loading.py",)),
     Target("graph", "affectkit.graph", ("tests/test_graph.py",)),
+    # steps.py in two: the bookkeeping between steps (stack/split/take, shift, rewinds, chunks) with every test
+    # that uses it, and the per-step path (begin, write, window_rows, in_window, ...), which every streaming
+    # test runs, so a surviving mutant of it costs the whole list: there the three slowest tests are left out
+    # (the CLI in a subprocess, the real sentence encoder, and the 34 s sweep of windows and rewinds, whose
+    # cases the other stream/prefill equalities cover).
     Target("steps", "affectkit.models.steps",
-           ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
+           ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py"),
+           ("x__grown", "x__pad_rows", "xǁRingǁ_begin_chunk", "xǁRingǁholds", "xǁRingǁneeded", "xǁRingǁshift",
+            "xǁRingǁstack", "xǁRingǁtake", "xǁStepStateǁcan_rewind", "xǁStepStateǁshift", "xǁStepStateǁsplit",
+            "xǁStepStateǁstack")),
+    Target("steps_core", "affectkit.models.steps",
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_prefill.py", "tests/test_stream.py"),
+           ("x_in_window", "xǁRingǁ__init__", "xǁRingǁbegin", "xǁRingǁend", "xǁRingǁ_resize", "xǁRingǁwrite",
+            "xǁRingǁmask", "xǁRingǁwindow_rows", "xǁRingǁnbytes", "xǁStepStateǁ__init__", "xǁStepStateǁbegin",
+            "xǁStepStateǁadvance", "xǁStepStateǁnbytes"),
+           select="not cli_stream and not real_sentence_encoder and not any_window_any_rewinds"),
     Target("corect_causal", "affectkit.models.corect",
            ("tests/test_steps.py", "tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py",
             "tests/test_corect.py"),
