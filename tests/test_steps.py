@@ -203,6 +203,50 @@ def test_padding_never_reaches_a_dialogue_in_the_offline_model():
     torch.testing.assert_close(together[6:], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_attention_stays_within_each_dialogue_and_its_window():
+    """Packed rows (:class:`Ragged`): a position reads only its own dialogue; causal with ``context`` 2, only
+    itself and the one before; without ``causal`` (the default), every position of its dialogue."""
+    from affectkit.models.attention import Ragged
+
+    rows = torch.tensor([[True, True, True, True], [True, True, False, False]])  # packed: 0..3, then 4, 5
+    torch.manual_seed(2)
+    x = torch.randn(6, 4)
+    poked = x.clone()
+    poked[0] += 1.0  # the first utterance of the first dialogue
+
+    def changed(seqs: Ragged) -> list[bool]:
+        a, b = seqs.attend(x, x, x, 2, 0.0), seqs.attend(poked, poked, poked, 2, 0.0)
+        return [not torch.allclose(a[i], b[i]) for i in range(6)]
+
+    assert changed(Ragged(rows, causal=True, context=2)) == [True, True, False, False, False, False]
+    assert changed(Ragged(rows, causal=True)) == [True, True, True, True, False, False]
+    assert changed(Ragged(rows)) == [True, True, True, True, False, False]
+    late = x.clone()
+    late[3] += 1.0  # the last utterance of the first dialogue: seen by the earlier ones only when not causal
+    a, b = Ragged(rows).attend(x, x, x, 2, 0.0), Ragged(rows).attend(late, late, late, 2, 0.0)
+    assert not torch.allclose(a[0], b[0])
+    c, d = Ragged(rows, True).attend(x, x, x, 2, 0.0), Ragged(rows, True).attend(late, late, late, 2, 0.0)
+    torch.testing.assert_close(c[:3], d[:3])
+    dropped = Ragged(rows).attend(x, x, x, 2, 0.9)  # attention dropout (training) is applied in packed mode
+    assert not torch.allclose(dropped, a)
+
+
+def test_a_step_is_refused_by_a_model_that_is_not_causal_or_given_ragged_sessions():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from affectkit.errors import ConfigError
+
+    state = _corect().init_state(2)
+    with pytest.raises(ConfigError, match="only a causal model"):
+        _corect(causal=False, context=None).forward(SimpleNamespace(mask=torch.ones(2, 1, dtype=torch.bool)), state)
+    for mask in (torch.ones(2, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool),
+                 torch.tensor([[True, False], [True, True]])):
+        with pytest.raises(ConfigError, match=r"same number of utterances from each session: mask of shape \(2, "):
+            _corect().forward(SimpleNamespace(mask=mask), state)
+
+
 def test_first_appearance_slots_by_hand():
     from affectkit.models.corect import first_appearance_slots
 
