@@ -239,7 +239,8 @@ def test_a_step_is_refused_by_a_model_that_is_not_causal_or_given_ragged_session
     from affectkit.errors import ConfigError
 
     state = _corect().init_state(2)
-    with pytest.raises(ConfigError, match="only a causal model"):
+    refused = r"^only a causal model \(model.causal: true\) can step utterance by utterance$"
+    with pytest.raises(ConfigError, match=refused):
         _corect(causal=False, context=None).forward(SimpleNamespace(mask=torch.ones(2, 1, dtype=torch.bool)), state)
     for mask in (torch.ones(2, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool),
                  torch.tensor([[True, False], [True, True]])):
