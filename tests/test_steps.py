@@ -113,6 +113,9 @@ def test_shift_moves_every_session_of_a_batch():
     both.shift(5)
     assert _stored(both, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(both, i=1) == {5: 1.0, 6: 2.0}
     assert [int(both.slot_pos[1, p % 4]) for p in (5, 6)] == [5, 6]
+    full = Ring.stack([_ring(3, 4, 3), _ring(3, 4, 4)])  # the second session fills its last slot
+    full.shift(5)
+    assert _stored(full, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(full, i=1) == {5: 1.0, 6: 2.0, 7: 3.0, 8: 4.0}
 
 
 def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
