@@ -234,6 +234,22 @@ def test_packed_attention_stays_within_each_dialogue_and_its_window():
     assert not torch.allclose(dropped, a)
 
 
+def test_attention_dropout_applies_while_training_only():
+    """Padded and packed alike: in eval mode attention is deterministic; in training its dropout changes it."""
+    from affectkit.models.attention import MultiHeadAttention, Ragged
+
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(8, 2, dropout=0.9)
+    x = torch.randn(1, 5, 8)
+    seqs = Ragged(torch.ones(1, 5, dtype=torch.bool), causal=True)
+    mha.eval()
+    a, packed = mha(x, x, None), mha(x[0], x[0], None, seqs=seqs)
+    torch.testing.assert_close(mha(x, x, None), a)
+    mha.train()
+    assert not torch.allclose(mha(x, x, None), a)
+    assert not torch.allclose(mha(x[0], x[0], None, seqs=seqs), packed)
+
+
 def test_a_step_is_refused_by_a_model_that_is_not_causal_or_given_ragged_sessions():
     from types import SimpleNamespace
 
