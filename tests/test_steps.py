@@ -234,6 +234,25 @@ def test_packed_attention_stays_within_each_dialogue_and_its_window():
     assert not torch.allclose(dropped, a)
 
 
+def test_an_empty_state_is_one_session_sized_by_the_model():
+    """``init_state()``: one session, rings of ``context`` (attention) and ``wp + 1`` (graph) slots, plus
+    ``rewind`` spare ones; refused for a model that is not causal (one that looks ahead, wf > 0, cannot be)."""
+    import pytest
+
+    from affectkit.errors import ConfigError
+
+    m = _corect()  # context 4, wp 3
+    state = m.init_state()
+    assert state.batch == 1 and state.lengths.tolist() == [0]
+    assert (state.rings["attention"].capacity, state.rings["graph"].capacity) == (4, 4)
+    again = m.init_state(3, rewind=2)
+    assert again.batch == 3 and (again.rings["attention"].capacity, again.rings["graph"].capacity) == (6, 6)
+    refused = r"^only a causal model \(model.causal: true, wf: 0\) can step utterance by utterance$"
+    for model in (_corect(causal=False, context=None), _corect(causal=False, context=None, wf=2)):
+        with pytest.raises(ConfigError, match=refused):
+            model.init_state()
+
+
 def test_attention_dropout_applies_while_training_only():
     """Padded and packed alike: in eval mode attention is deterministic; in training its dropout changes it."""
     from affectkit.models.attention import MultiHeadAttention, Ragged
