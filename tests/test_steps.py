@@ -253,6 +253,21 @@ def test_an_empty_state_is_one_session_sized_by_the_model():
             model.init_state()
 
 
+def test_a_padded_stack_masks_as_the_packed_one_does():
+    """A stack on padded (B, T) sequences with a causal window computes, on the real positions, what the packed
+    stack computes: padding and later positions hidden alike."""
+    from affectkit.models.attention import Ragged, TransformerStack
+
+    torch.manual_seed(4)
+    stack = TransformerStack(8, 2, 16, 0.0, 2).eval()
+    rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        padded = stack(x, rows, True, 2)
+        packed = stack(x[rows], None, True, 2, seqs=Ragged(rows, True, 2))
+    torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_dropout_applies_while_training_only():
     """Padded and packed alike: in eval mode attention is deterministic; in training its dropout changes it."""
     from affectkit.models.attention import MultiHeadAttention, Ragged
