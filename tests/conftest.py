@@ -96,6 +96,12 @@ def postgres_server() -> Any:
     stopped, its folder deleted, at the end."""
     from affectkit.serve.throwaway import LocalPostgres, postgres_missing
 
+    shared = os.environ.get("AFFECTKIT_TEST_POSTGRES_PORT")
+    if shared:  # a throw-away server started once for many runs (tools/mutation.py): no initdb per run
+        server = LocalPostgres.__new__(LocalPostgres)
+        server.port = int(shared)
+        yield server
+        return
     reason = postgres_missing()
     if reason:
         pytest.skip(f"PostgreSQL tests: {reason}")
@@ -107,4 +113,4 @@ def postgres_server() -> Any:
 @pytest.fixture
 def postgres_url(postgres_server: Any) -> str:
     """A fresh, empty database on the throw-away server; its URL."""
-    return postgres_server.create_database(f"t{os.getpid()}_{next(_DATABASES)}")
+    return postgres_server.create_database(f"t{os.getpid()}_{next(_DATABASES)}_{os.urandom(4).hex()}")

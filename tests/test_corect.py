@@ -103,6 +103,13 @@ def test_attention_mask_with_a_window_by_hand():
     assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]]
     assert attention_mask(None, 3, 3, causal=True, context=None)[0, 0].int().tolist() == \
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    # queries 2 and 3 (``offset`` 2) of keys 0..4, window 2: each sees itself and the one before
+    assert attention_mask(None, 2, 5, causal=True, offset=2, context=2)[0, 0].int().tolist() == \
+        [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]]
+    # not causal: only padding is hidden, per dialogue
+    two = torch.tensor([[True, False], [True, True]])
+    assert attention_mask(two, 2, 2, causal=False).int().tolist() == [[[[1, 0]]], [[[1, 1]]]]
+    assert attention_mask(None, 2, 2, causal=False) is None
 
 
 def test_bad_configs_are_refused(data):

@@ -113,6 +113,9 @@ def test_shift_moves_every_session_of_a_batch():
     both.shift(5)
     assert _stored(both, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(both, i=1) == {5: 1.0, 6: 2.0}
     assert [int(both.slot_pos[1, p % 4]) for p in (5, 6)] == [5, 6]
+    full = Ring.stack([_ring(3, 4, 3), _ring(3, 4, 4)])  # the second session fills its last slot
+    full.shift(5)
+    assert _stored(full, i=0) == {5: 1.0, 6: 2.0, 7: 3.0} and _stored(full, i=1) == {5: 1.0, 6: 2.0, 7: 3.0, 8: 4.0}
 
 
 def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
@@ -127,6 +130,21 @@ def test_a_chunk_after_a_rewind_never_reads_the_stale_rows():
         read = {int(r.slot_pos[0, s]) for s in range(16) if bool(stored[q, s])}
         assert read == {0, 1, 2}
         assert own[q].tolist() == [j <= q for j in range(3)]
+
+
+def test_a_rewind_is_exact_only_while_the_rows_a_step_reads_are_held():
+    """``can_rewind(n)``: a step at ``n`` reads the window's ``n - window + 1 .. n - 1`` (all earlier ones
+    without a window); a fixed ring of 6 slots for a window of 4 keeps them for two rewinds, no further; a
+    grown ring keeps every position it has room for, and none it has not seen yet."""
+    assert Ring(1, 4, 6, torch.device("cpu")).needed(10) == range(7, 10)
+    assert Ring(1, 4, 6, torch.device("cpu")).needed(2) == range(0, 2)
+    assert Ring(1, None, None, torch.device("cpu")).needed(3) == range(0, 3)
+    fixed = StepState(torch.tensor([10]), {"attention": _ring(4, 6, 10)})  # holds positions 4..9
+    assert [fixed.can_rewind(n) for n in (10, 9, 8, 7, 6, 5)] == [True, True, True, True, False, False]
+    grown = StepState(torch.tensor([16]), {"attention": _ring(None, None, 16)})  # 16 slots, all used
+    assert grown.rings["attention"].capacity == 16
+    assert [grown.can_rewind(n) for n in (0, 1, 15, 16)] == [True, True, True, True]
+    assert grown.can_rewind(17) is False  # position 16 was never stored (nor room made for it)
 
 
 def _corect(**over):
@@ -186,6 +204,101 @@ def test_padding_never_reaches_a_dialogue_in_the_offline_model():
         together = m.pcm([torch.cat([a, b]) for a, b in zip(long_, short)], Ragged(rows))
         alone = m.pcm(short, Ragged(torch.ones(1, 3, dtype=torch.bool)))
     torch.testing.assert_close(together[6:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_stays_within_each_dialogue_and_its_window():
+    """Packed rows (:class:`Ragged`): a position reads only its own dialogue; causal with ``context`` 2, only
+    itself and the one before; without ``causal`` (the default), every position of its dialogue."""
+    from affectkit.models.attention import Ragged
+
+    rows = torch.tensor([[True, True, True, True], [True, True, False, False]])  # packed: 0..3, then 4, 5
+    torch.manual_seed(2)
+    x = torch.randn(6, 4)
+    poked = x.clone()
+    poked[0] += 1.0  # the first utterance of the first dialogue
+
+    def changed(seqs: Ragged) -> list[bool]:
+        a, b = seqs.attend(x, x, x, 2, 0.0), seqs.attend(poked, poked, poked, 2, 0.0)
+        return [not torch.allclose(a[i], b[i]) for i in range(6)]
+
+    assert changed(Ragged(rows, causal=True, context=2)) == [True, True, False, False, False, False]
+    assert changed(Ragged(rows, causal=True)) == [True, True, True, True, False, False]
+    assert changed(Ragged(rows)) == [True, True, True, True, False, False]
+    late = x.clone()
+    late[3] += 1.0  # the last utterance of the first dialogue: seen by the earlier ones only when not causal
+    a, b = Ragged(rows).attend(x, x, x, 2, 0.0), Ragged(rows).attend(late, late, late, 2, 0.0)
+    assert not torch.allclose(a[0], b[0])
+    c, d = Ragged(rows, True).attend(x, x, x, 2, 0.0), Ragged(rows, True).attend(late, late, late, 2, 0.0)
+    torch.testing.assert_close(c[:3], d[:3])
+    dropped = Ragged(rows).attend(x, x, x, 2, 0.9)  # attention dropout (training) is applied in packed mode
+    assert not torch.allclose(dropped, a)
+
+
+def test_an_empty_state_is_one_session_sized_by_the_model():
+    """``init_state()``: one session, rings of ``context`` (attention) and ``wp + 1`` (graph) slots, plus
+    ``rewind`` spare ones; refused for a model that is not causal (one that looks ahead, wf > 0, cannot be)."""
+    import pytest
+
+    from affectkit.errors import ConfigError
+
+    m = _corect()  # context 4, wp 3
+    state = m.init_state()
+    assert state.batch == 1 and state.lengths.tolist() == [0]
+    assert (state.rings["attention"].capacity, state.rings["graph"].capacity) == (4, 4)
+    again = m.init_state(3, rewind=2)
+    assert again.batch == 3 and (again.rings["attention"].capacity, again.rings["graph"].capacity) == (6, 6)
+    refused = r"^only a causal model \(model.causal: true, wf: 0\) can step utterance by utterance$"
+    for model in (_corect(causal=False, context=None), _corect(causal=False, context=None, wf=2)):
+        with pytest.raises(ConfigError, match=refused):
+            model.init_state()
+
+
+def test_a_padded_stack_masks_as_the_packed_one_does():
+    """A stack on padded (B, T) sequences with a causal window computes, on the real positions, what the packed
+    stack computes: padding and later positions hidden alike."""
+    from affectkit.models.attention import Ragged, TransformerStack
+
+    torch.manual_seed(4)
+    stack = TransformerStack(8, 2, 16, 0.0, 2).eval()
+    rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        padded = stack(x, rows, True, 2)
+        packed = stack(x[rows], None, True, 2, seqs=Ragged(rows, True, 2))
+    torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_applies_while_training_only():
+    """Padded and packed alike: in eval mode attention is deterministic; in training its dropout changes it."""
+    from affectkit.models.attention import MultiHeadAttention, Ragged
+
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(8, 2, dropout=0.9)
+    x = torch.randn(1, 5, 8)
+    seqs = Ragged(torch.ones(1, 5, dtype=torch.bool), causal=True)
+    mha.eval()
+    a, packed = mha(x, x, None), mha(x[0], x[0], None, seqs=seqs)
+    torch.testing.assert_close(mha(x, x, None), a)
+    mha.train()
+    assert not torch.allclose(mha(x, x, None), a)
+    assert not torch.allclose(mha(x[0], x[0], None, seqs=seqs), packed)
+
+
+def test_a_step_is_refused_by_a_model_that_is_not_causal_or_given_ragged_sessions():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from affectkit.errors import ConfigError
+
+    state = _corect().init_state(2)
+    refused = r"^only a causal model \(model.causal: true\) can step utterance by utterance$"
+    with pytest.raises(ConfigError, match=refused):
+        _corect(causal=False, context=None).forward(SimpleNamespace(mask=torch.ones(2, 1, dtype=torch.bool)), state)
+    for mask in (torch.ones(2, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool),
+                 torch.tensor([[True, False], [True, True]])):
+        with pytest.raises(ConfigError, match=r"same number of utterances from each session: mask of shape \(2, "):
+            _corect().forward(SimpleNamespace(mask=mask), state)
 
 
 def test_first_appearance_slots_by_hand():

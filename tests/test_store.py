@@ -137,6 +137,8 @@ def test_durability_names_every_setting(tmp_path):
     for value, name in ((0, "OFF"), (1, "NORMAL"), (2, "FULL"), (3, "EXTRA")):
         store._db.execute(f"PRAGMA synchronous={value}")
         assert store.durability() == {"journal_mode": "wal", "synchronous": name}
+    store._db.execute("PRAGMA synchronous=4")  # SQLite keeps a number it has no name for: shown as the number
+    assert store.durability() == {"journal_mode": "wal", "synchronous": "4"}
     store.close()
 
 
@@ -196,3 +198,112 @@ def test_prosody_is_kept_as_float32_whatever_it_came_as(store):
     prosody = np.linspace(0, 1, 88)  # float64
     store.append_audio("s1", 0, {"start": 0.0}, prosody)
     assert np.array_equal(np.array(store.audio("s1")[0]["prosody"]), prosody.astype(np.float32))
+
+
+# -- SQLite only: opening, migrating, threads, and a failure inside a transaction
+
+
+def test_sqlite_refuses_a_missing_folder_a_bad_setting_and_a_file_that_is_not_a_log(tmp_path):
+    with pytest.raises(ConfigError, match="store folder .* does not exist"):
+        Store(tmp_path / "no" / "log.db")
+    with pytest.raises(ConfigError, match="synchronous must be FULL or NORMAL, got 'OFF'"):
+        Store(tmp_path / "log.db", synchronous="OFF")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database, only bytes " * 100)
+    with pytest.raises(ConfigError, match="not a usable SQLite store"):
+        Store(junk)
+    normal = Store(tmp_path / "log.db", synchronous="NORMAL")
+    assert normal.durability() == {"journal_mode": "wal", "synchronous": "NORMAL"}
+    normal.close()
+    memory = Store(":memory:")  # no file, no folder to check
+    assert memory.create_session("s1", "t") is not None and memory.count_sessions() == 1
+    memory.close()
+
+
+def test_a_log_from_before_models_gains_the_column_and_opens_again(tmp_path):
+    """A sessions table without ``model`` (a log written before models were recorded) is migrated once; the
+    migrated file opens again (the column is found, not added twice) and keeps its old sessions."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL, created REAL NOT NULL)")
+        db.execute("INSERT INTO sessions VALUES ('old', 'x', 1.0)")
+    for _ in range(2):
+        store = Store(path)
+        assert store.session("old") == SessionRow("old", "x", 1.0, None)
+        store.close()
+    store = Store(path)
+    store.create_session("new", "t", "h1")
+    assert store.session("new").model == "h1" and store.sessions_of_other_models("h1") == 1
+    store.close()
+
+
+def test_sqlite_serves_other_threads(tmp_path):
+    """The service reads from request threads what its inference thread writes: one connection, any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(tmp_path / "log.db")
+    store.create_session("s1", "t")
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(store.count_sessions).result() == 1
+        pool.submit(store.append, [_rec("s1", 0)]).result()
+    assert [r.position for r in store.records("s1")] == [0]
+    store.close()
+
+
+class _Boom(Exception):
+    pass
+
+
+class _FailingDB:
+    """The store's connection, except that the statement containing ``fail_on`` raises (a disk error, an
+    interrupt half-way through a transaction)."""
+
+    def __init__(self, db, fail_on: str) -> None:
+        self.db, self.fail_on = db, fail_on
+
+    def execute(self, sql, *args):
+        if self.fail_on in sql:
+            raise _Boom(sql)
+        return self.db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        if self.fail_on in sql:
+            raise _Boom(sql)
+        return self.db.executemany(sql, *args)
+
+
+@pytest.mark.parametrize(("fail_on", "call"), [
+    ("INSERT INTO sessions", lambda s: s.create_session("s2", "t", max_sessions=5)),
+    ("DELETE FROM sessions", lambda s: s.delete_session("s1")),
+    ("DELETE FROM sessions", lambda s: s.expire(time.time() + 1e6)),
+    ("INSERT INTO utterances", lambda s: s.append([_rec("s1", 1)])),
+])
+def test_a_failure_inside_a_transaction_rolls_it_back_and_raises_it(tmp_path, fail_on, call):
+    """The error itself reaches the caller (not one from cleaning up), nothing of the transaction stays (the
+    utterances a delete removed before failing are back) and the connection takes the next transaction."""
+    store = Store(tmp_path / "log.db")
+    store.create_session("s1", "t")
+    store.append([_rec("s1", 0)])
+    real = store._db
+    store._db = _FailingDB(real, fail_on)
+    with pytest.raises(_Boom):
+        call(store)
+    store._db = real
+    assert [r.position for r in store.records("s1")] == [0] and store.count_sessions() == 1
+    store.append([_rec("s1", 1)])  # BEGIN IMMEDIATE again: the failed transaction is not still open
+    assert store.create_session("s3", "t") is not None and store.count_utterances() == 2
+    store.close()
+
+
+def test_size_leaves_out_free_pages(tmp_path):
+    """Deleted sessions free their pages: the size counts pages in use, so it shrinks."""
+    store = Store(tmp_path / "log.db")
+    store.create_session("s1", "t")
+    store.append([_rec("s1", p) for p in range(300)])
+    full = store.size_bytes()
+    store.delete_session("s1")
+    free = int(store._db.execute("PRAGMA freelist_count").fetchone()[0])
+    assert free > 0 and store.size_bytes() < full
+    store.close()

@@ -62,21 +62,41 @@ TARGETS: tuple[Target, ...] = (
     Target("selection", "affectkit.selection", ("tests/test_selection.py",)),
     Target("safe_pickle", "affectkit.safe_pickle", ("tests/test_safe_loading.py",)),
     Target("graph", "affectkit.graph", ("tests/test_graph.py",)),
+    # steps.py in two: the bookkeeping between steps (stack/split/take, shift, rewinds, chunks) with every test
+    # that uses it, and the per-step path (begin, write, window_rows, in_window, ...), which every streaming
+    # test runs, so a surviving mutant of it costs the whole list: there the three slowest tests are left out
+    # (the CLI in a subprocess, the real sentence encoder, and the 34 s sweep of windows and rewinds, whose
+    # cases the other stream/prefill equalities cover).
     Target("steps", "affectkit.models.steps",
-           ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py")),
+           ("tests/test_steps.py", "tests/test_stream.py", "tests/test_causal.py", "tests/test_prefill.py"),
+           ("x__grown", "x__pad_rows", "xǁRingǁ_begin_chunk", "xǁRingǁholds", "xǁRingǁneeded", "xǁRingǁshift",
+            "xǁRingǁstack", "xǁRingǁtake", "xǁStepStateǁcan_rewind", "xǁStepStateǁshift", "xǁStepStateǁsplit",
+            "xǁStepStateǁstack")),
+    Target("steps_core", "affectkit.models.steps",
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_prefill.py", "tests/test_stream.py"),
+           ("x_in_window", "xǁRingǁ__init__", "xǁRingǁbegin", "xǁRingǁend", "xǁRingǁ_resize", "xǁRingǁwrite",
+            "xǁRingǁmask", "xǁRingǁwindow_rows", "xǁRingǁnbytes", "xǁStepStateǁ__init__", "xǁStepStateǁbegin",
+            "xǁStepStateǁadvance", "xǁStepStateǁnbytes"),
+           select="not cli_stream and not real_sentence_encoder and not any_window_any_rewinds"),
+    # The model-level checks of the causal parts (stepping equals the batch model, prefill equals stepping, the
+    # masks by hand); tests/test_stream.py (the serving engine on top, 2 min a run on this machine) is left out.
     Target("corect_causal", "affectkit.models.corect",
-           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
-           ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges",
-            "xǁCorectǁinit_state", "xǁCorectǁstate_reach", "xǁCorectǁ_check_step")),
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_prefill.py", "tests/test_corect.py"),
+           ("x_first_appearance_slots", "xǁPairwiseCrossModalǁforward", "x__newest_edges", "xǁCorectǁencode",
+            "xǁCorectǁforward", "xǁCorectǁinit_state", "xǁCorectǁstate_reach", "xǁCorectǁ_check_step"),
+           select="not learns_planted_signal"),
     Target("attention_causal", "affectkit.models.attention",
-           ("tests/test_causal.py", "tests/test_stream.py", "tests/test_prefill.py"),
-           ("x_attention_mask", "xǁKVCacheǁupdate", "xǁKVCacheǁmask", "xǁTransformerStackǁforward")),
+           ("tests/test_steps.py", "tests/test_causal.py", "tests/test_prefill.py", "tests/test_corect.py"),
+           ("x_attention_mask", "xǁRaggedǁ__init__", "xǁRaggedǁpad", "xǁRaggedǁattend", "xǁKVCacheǁ__init__",
+            "xǁKVCacheǁupdate", "xǁKVCacheǁmask", "xǁMultiHeadAttentionǁforward", "xǁTransformerStackǁforward"),
+           select="not learns_planted_signal"),
     Target("inputs", "affectkit.features.inputs", ("tests/test_inputs.py", "tests/test_finetune.py"),
            select="utterance_input or recipe or future or truncated or past_only or range or last_utterance"),
     Target("store", "affectkit.serve.store.sqlite", ("tests/test_store.py", "tests/test_serve.py",
                                                       "tests/test_serve_exposure.py")),
     Target("store_postgres", "affectkit.serve.store.postgres", ("tests/test_store.py",
-                                                                "tests/test_serve_replicas.py")),
+                                                                "tests/test_serve_replicas.py"),
+           select="not failover_through_haproxy"),  # an end-to-end run (processes, haproxy): minutes a mutant
     Target("access", "affectkit.serve.access", ("tests/test_access.py", "tests/test_serve_exposure.py",
                                                  "tests/test_serve.py")),
     Target("resume", "affectkit.studies.run", ("tests/test_resume.py",), ("x_is_done",)),
@@ -134,10 +154,21 @@ def run(t: Target, max_children: int, deadline: float) -> None:
     cmd = ["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
            *t.patterns()]
     print(f"[{t.name}] {' '.join(cmd[3:])} (up to {left / 60:.0f} min)", flush=True)
+    server = None
+    if "postgres" in t.module:  # one throw-away server for every run of the tests, not an initdb per mutant
+        sys.path.insert(0, str(ROOT / "src"))
+        from affectkit.serve.throwaway import LocalPostgres, postgres_missing
+
+        if not postgres_missing():
+            server = LocalPostgres(fsync=False)
+            env["AFFECTKIT_TEST_POSTGRES_PORT"] = str(server.port)
     try:
         subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=left, check=False)
     except subprocess.TimeoutExpired:
         print(f"[{t.name}] stopped at the time budget; a rerun resumes", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
@@ -166,17 +197,38 @@ def collect(t: Target, equivalent: dict[str, str]) -> dict[str, object]:
             "survivors": survivors, "equivalent": equiv, "unchecked": counts.get("not checked", 0)}
 
 
-SQL_WORDS = ("SELECT", "INSERT", "DELETE", "UPDATE", "BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "CREATE")
+SQL_WORDS = ("SELECT", "INSERT", "DELETE", "UPDATE", "BEGIN", "COMMIT", "ROLLBACK", "PRAGMA", "CREATE", "ALTER",
+             "FROM", "WHERE", "ORDER")
 
 
 def sql_case_only(t: Target, key: str) -> bool:
-    """Whether mutant ``key`` only changes the letter case of an SQL statement (asked of ``mutmut show``)."""
-    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", key], cwd=SCRATCH / t.name,
-                           capture_output=True, text=True, check=False).stdout.splitlines()
-    old = [ln[1:] for ln in shown if ln.startswith("-") and not ln.startswith("---")]
-    new = [ln[1:] for ln in shown if ln.startswith("+") and not ln.startswith("+++")]
+    """Whether mutant ``key`` only changes the letter case of an SQL statement (its lines against the
+    original's, read from mutmut's mutated copy of the module)."""
+    old, new = mutant_diff(t, key)
     return (len(old) == len(new) >= 1 and all(a != b and a.lower() == b.lower() for a, b in zip(old, new))
             and any(w in a.upper() for a in old for w in SQL_WORDS))
+
+
+_SOURCES: dict[str, dict[str, str]] = {}
+
+
+def mutant_diff(t: Target, key: str) -> tuple[list[str], list[str]]:
+    """The lines mutant ``key`` removes and adds (what ``mutmut show`` prints, without a process per mutant)."""
+    import ast
+    import difflib
+
+    path = SCRATCH / t.name / "mutants" / t.path
+    if str(path) not in _SOURCES:
+        src = path.read_text() if path.is_file() else ""
+        lines = src.splitlines()
+        _SOURCES[str(path)] = {n.name: "\n".join(lines[n.lineno - 1:n.end_lineno]) for n in ast.walk(ast.parse(src))
+                               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    funcs = _SOURCES[str(path)]
+    name = key.rsplit(".", 1)[1]
+    orig, mutant = funcs.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", ""), funcs.get(name, "")
+    diff = list(difflib.unified_diff(orig.splitlines()[1:], mutant.splitlines()[1:], lineterm="", n=0))
+    return ([ln[1:] for ln in diff if ln.startswith("-") and not ln.startswith("---")],
+            [ln[1:] for ln in diff if ln.startswith("+") and not ln.startswith("+++")])
 
 
 def report(rows: list[dict[str, object]], equivalent: dict[str, str]) -> str:

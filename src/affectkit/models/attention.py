@@ -48,7 +48,6 @@ class Ragged:
     def __init__(self, rows: torch.Tensor, causal: bool = False, context: int | None = None) -> None:
         self.rows, self.causal, self.context = rows, causal, context
         self.index = rows.reshape(-1).nonzero().squeeze(1)
-        self.lengths = rows.sum(1)
         t = rows.shape[1]
         self.mask = attention_mask(rows, t, t, causal, context=context)
 
