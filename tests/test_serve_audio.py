@@ -208,6 +208,32 @@ def test_faster_than_real_time_is_refused(text_model, voices, tmp_path):
         assert _transcript(url, sid, token)["utterances"][0]["text"] == "hello"
 
 
+def test_a_session_moved_to_another_replica_closes_the_audio_connection(text_model, voices, tmp_path, monkeypatch):
+    """A spoken utterance whose append another replica refused (the writer key) gets the ``moved`` frame and
+    the connection closes with 1012, as a typed one does: the client reconnects to the session's new home."""
+    from websockets.exceptions import ConnectionClosed
+
+    from affectkit.serve.store import WriterConflict
+
+    app = create_app(text_model, tmp_path / "s.db", ServeSettings(), embed=embed,
+                     audio=AudioSettings(burst_s=1e6, max_utterance_s=4.0))
+    with thread_server(app) as url:
+        async def taken(_item):
+            raise WriterConflict("session s was written by another replica")
+
+        monkeypatch.setattr(app.state.service.batcher, "submit", taken)
+        sid, token, ws_url = _session(url)
+        with _open(ws_url) as ws:
+            _stream(ws, np.concatenate([voices[ANA[0]], np.zeros(16000, np.float32)]))
+            frames = _frames(ws, lambda f: any(x.get("error") == "moved" for x in f), timeout=120)
+            assert _of(frames, "transcript")  # heard and transcribed; only the model's step was refused
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        assert _transcript(url, sid, token)["utterances"] == []  # nothing half-written
+
+
 def test_never_ending_talk_is_cut(server, voices):
     url, _app = server  # max_utterance_s = 4 s
     sid, token, ws_url = _session(url)

@@ -409,7 +409,7 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
         received = time.perf_counter()
         control = audio_config(msg.get("text"))
         if control is not None:  # a participant's microphone: the audio protocol runs this connection from here
-            await serve_audio(s, ws, session_id, control, answer, _send)
+            await serve_audio(s, ws, session_id, control, answer, _send, _close)
             return
         reply = await answer(s, session_id, msg, received)
         if reply.get("type") == "error":

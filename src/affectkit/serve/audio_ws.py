@@ -53,7 +53,7 @@ from prometheus_client import Counter, Histogram
 
 from affectkit.errors import AffectkitError
 from affectkit.serve.batcher import Batcher, Overloaded
-from affectkit.serve.sessions import Item, TooManySpeakers, UnknownSession
+from affectkit.serve.sessions import Item, UnknownSession
 
 __all__ = ["AudioFront", "AudioSettings", "audio_config", "serve_audio"]
 
@@ -179,9 +179,11 @@ Say = Callable[[dict[str, Any]], Awaitable[bool]]
 
 async def serve_audio(s: Any, ws: WebSocket, session_id: str, first: dict[str, Any],
                       answer: Callable[..., Awaitable[dict[str, Any]]],
-                      send: Callable[[WebSocket, dict[str, Any]], Awaitable[bool]]) -> None:
+                      send: Callable[[WebSocket, dict[str, Any]], Awaitable[bool]],
+                      close: Callable[[WebSocket, int, str], Awaitable[None]] | None = None) -> None:
     """Run the connection from its first audio control frame ``first`` on (the text protocol's loop hands
-    it over); returns when the client leaves or the connection is closed."""
+    it over); returns when the client leaves or the connection is closed.  ``close(ws, code, reason)``
+    ends the connection after a ``moved`` frame (1012, as on a text connection: the client reconnects)."""
     settings: AudioSettings = getattr(s, "audio_settings", None) or AudioSettings()
     lock = asyncio.Lock()
     jobs: list[asyncio.Future[Any]] = []
@@ -190,7 +192,10 @@ async def serve_audio(s: Any, ws: WebSocket, session_id: str, first: dict[str, A
         if body.get("type") == "error":
             s.metrics.errors.labels(body["error"]).inc()
         async with lock:
-            return await send(ws, body)
+            sent = await send(ws, body)
+        if body.get("error") == "moved" and close is not None:  # another replica holds the session now
+            await close(ws, 1012, "session moved: reconnect")
+        return sent
 
     fe: AudioFront | None = None
     try:
@@ -370,18 +375,15 @@ async def _answer_speech(s: Any, fe: AudioFront, session_id: str, track: _Track,
         text, feats = fe.plan.inputs(utt)
         try:
             pred, _rec = await timed("model", s.batcher.submit(Item(session_id, speaker, text, feats, received)))
-        except Overloaded as exc:
-            fe.metrics.lost.inc()
-            await say(_error("overloaded", f"{exc}; retry in a second"))
-            return
-        except TooManySpeakers as exc:
-            await say(_error("too_many_speakers", str(exc)))
-            return
-        except UnknownSession:
-            await say(_error("gone", "this session was deleted"))
-            return
-        except AffectkitError as exc:
-            await say(_error("invalid", str(exc)))
+        except Exception as exc:  # the refusals a typed utterance gets, with the same kinds (moved, store_full...)
+            from affectkit.serve.protocol import refusal
+
+            frame = refusal(exc)
+            if frame is None:
+                raise
+            if frame["error"] == "overloaded":
+                fe.metrics.lost.inc()
+            await say(frame)
             return
         meta = {**span, "text": utt.text, "confidence": round(utt.confidence, 4), "forced": seg.forced,
                 "source": "audio"}
