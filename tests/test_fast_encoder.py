@@ -141,3 +141,12 @@ def test_int8_falls_back_to_float_feed_forward_outputs_then_refuses(tmp_path, mo
     assert calls[0] == [] and len(calls) == 2
     assert len(calls[1]) == 6 and all("/output/dense/" in n and "attention" not in n for n in calls[1])  # MiniLM-L6
     assert not list((tmp_path / "onnx").glob("*.onnx"))
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    (cache / "onnx").write_text("a file where the folder should be")  # mkdir fails as on a read-only home
+    with pytest.raises(ConfigError, match="cannot write the exported encoder") as err:
+        _onnx(cache)
+    assert "\n" not in str(err.value) and "AFFECTKIT_CACHE" in str(err.value)

@@ -251,7 +251,11 @@ class OnnxEncoder:
             if record.get("source_sha256") == source and record.get("sha256") == _file_sha256(self.path):
                 return record
             log.warning("the exported encoder %s does not match its record: exporting it again", self.path)
-        return export_onnx(self.folder, self.tokenize, self.path, self.runtime)
+        try:
+            return export_onnx(self.folder, self.tokenize, self.path, self.runtime)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the exported encoder to {self.path.parent} ({exc.strerror or exc}); "
+                              "set AFFECTKIT_CACHE to a writable folder or use --text-runtime torch") from None
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, **_: Any) -> np.ndarray:
         """Float32 (N, dim) unit vectors, ``batch_size`` texts per run (sentence-transformers' keyword
