@@ -101,3 +101,34 @@ def test_another_model_is_not_done(tmp_path):
     folder = _folder(tmp_path, _cfg())
     assert is_done(folder, load_config(ROOT / "configs" / "mosi_lab.yaml", ["model.name=mosi_seq"]), SHA) is False
     assert is_done(folder, load_config(ROOT / "configs" / "corect_iemocap4.yaml"), SHA) is False  # other keys
+
+
+def _corect(*overrides: str):
+    return load_config(ROOT / "configs" / "corect_iemocap6.yaml", list(overrides))
+
+
+def _corect_folder(tmp_path: Path, stored, model_config: dict | None) -> Path:
+    folder = _folder(tmp_path, stored)
+    prov = {"data_sha256": SHA}
+    if model_config is not None:
+        prov["model_config"] = model_config
+    (folder / "provenance.json").write_text(json.dumps(prov))
+    return folder
+
+
+def test_a_default_that_changed_since_the_run_reruns_it(tmp_path, caplog):
+    """A CORECT run from before its P-CM defaults changed (provenance without the model's every field, so the
+    defaults of that time apply) is not counted as done, and the log names what changed; the same run with
+    the model as built recorded is done, even when its config.yaml spells out a default the new one leaves out."""
+    from affectkit.studies.run import full_model_config
+
+    cfg = _corect()
+    old = _corect_folder(tmp_path / "old", cfg, None)
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(old, cfg, SHA) is False
+    assert "model.pcm_norm" in caplog.text and "model.pcm_scale" in caplog.text
+    spelled = _corect("model.pcm_norm=pre")  # the current default, written out only on the stored side
+    recorded = _corect_folder(tmp_path / "new", spelled, full_model_config(cfg))
+    assert is_done(recorded, cfg, SHA) is True
+    other = full_model_config(_corect("model.pcm_scale=false"))
+    assert is_done(_corect_folder(tmp_path / "other", cfg, other), cfg, SHA) is False

@@ -154,9 +154,12 @@ def execute_run(job: dict[str, Any], folder: Path, data_path: str | Path,
             data = hide_test_split(data, get_task(cfg.data.task))
         trainer.train(cfg, data_path=cfg.data.path, run_dir=folder, data=data, on_epoch=report)
         sha = cached_sha256(data_path)
+        from affectkit.studies.run import full_model_config
+
         (folder / PROVENANCE_FILE).write_text(json.dumps({
             "data_sha256": sha, "data_file": Path(str(cfg.data.path)).name, "host": socket.gethostname(),
             "test_split": "hidden (replaced by the dev split)" if job.get("hide_test") else "evaluated",
+            "model_config": full_model_config(cfg),
         }, indent=2))
         metrics = json.loads((folder / "metrics.json").read_text())
         return RunOutcome(job["variant"], job["seed"], True, time.perf_counter() - start, metrics=metrics)

@@ -61,7 +61,9 @@ class StudyResult:
 def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> bool:
     """A finished run of the same config on the same data: ``metrics.json`` readable, ``provenance.json``
     naming ``data_sha256`` (when given), ``config.yaml`` equal on every key both hold (except settings without
-    effect on the result, e.g. the progress bar)."""
+    effect on the result, e.g. the progress bar), and the same model as built: every field of its model
+    config, defaults included (``provenance.json``'s ``model_config``; for older runs, the defaults of their
+    time), so a default that changed between versions reruns the runs it affects."""
     try:
         json.loads((folder / "metrics.json").read_text())
         stored = yaml.safe_load((folder / "config.yaml").read_text()) or {}
@@ -83,10 +85,34 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
         return False
     old, new = flatten_overrides(stored), flatten_overrides(new_cfg.to_dict())
     changed = [k for k in old.keys() & new.keys() if k not in NO_EFFECT_KEYS and old[k] != new[k]]
+    if not changed:  # the model as built: a default that changed between versions changes the model too
+        had = (run_provenance(folder) or {}).get("model_config")
+        if had is None:  # a run from before provenance held every field: the defaults of its time
+            had = full_model_config(config_from_dict(stored), legacy=True)
+        now = full_model_config(new_cfg)
+        changed = [f"model.{k}" for k in sorted(had.keys() | now.keys()) if had.get(k) != now.get(k)]
     if changed:
         log.warning("%s: config changed since it ran (%s); running it again", folder,
                     ", ".join(sorted(changed)))
     return not changed
+
+
+def full_model_config(cfg: RunConfig, legacy: bool = False) -> dict[str, Any]:
+    """Every field of the run's model config (defaults filled in), as JSON reads it back. ``legacy``: fields
+    the stored config lacks take the values runs had before those fields existed (the model config's
+    ``LEGACY_DEFAULTS``, as for old checkpoints)."""
+    import dataclasses
+
+    from affectkit.models.registry import get_model_entry, model_config
+
+    params = dict(cfg.model_params)
+    if legacy:
+        old = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
+        params = {**{k: v for k, v in old.items() if k not in params}, **params}
+    try:
+        return json.loads(json.dumps(dataclasses.asdict(model_config(cfg.model_name, params)), default=str))
+    except ConfigError:
+        return {}
 
 
 def study_command(path: str | Path, data: str | Path | None, seeds: Sequence[int] | None, workers: int,
