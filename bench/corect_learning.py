@@ -148,14 +148,19 @@ def table(work: Path) -> str:
                       f"--table` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "", *lines])
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, marker: str = "corect-learning") -> None:
+    """``text`` between the ``marker`` comments of bench/README.md (a table per set of runs: the ablations
+    of one session stay where they are when another session's runs get their own marker)."""
+    begin = README_BEGIN if marker == "corect-learning" else \
+        f"<!-- {marker}:begin (bench/corect_learning.py --table --readme --readme-marker {marker}) -->"
+    end = README_END if marker == "corect-learning" else f"<!-- {marker}:end -->"
     readme = BENCH / "README.md"
     s = readme.read_text()
-    if README_BEGIN not in s:
-        raise SystemExit(f"bench/README.md lacks the marker {README_BEGIN!r}")
-    head, rest = s.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+    if begin not in s:
+        raise SystemExit(f"bench/README.md lacks the marker {begin!r}")
+    head, rest = s.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -171,13 +176,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each one thread, niced)")
     ap.add_argument("--table", action="store_true", help="only write the table of finished runs")
     ap.add_argument("--readme", action="store_true", help="with --table: also into bench/README.md")
+    ap.add_argument("--readme-marker", default="corect-learning",
+                    help="with --readme: between which markers of bench/README.md (default %(default)s)")
     args = ap.parse_args()
     if args.table:
         text = table(args.work)
         (args.work / "table.md").write_text(text + "\n")
         print(text)
         if args.readme:
-            write_readme(text)
+            write_readme(text, args.readme_marker)
         return
     unknown = [v for v in args.variants if v != "reference" and v not in VARIANTS]
     if unknown:
