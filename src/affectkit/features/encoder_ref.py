@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from affectkit.data.provenance import file_sha256 as plain_sha256
 from affectkit.errors import DataError
 from affectkit.features.inputs import InputRecipe
 
@@ -48,13 +49,10 @@ def file_sha256(path: Path) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
     if key in _HASHES:
         return _HASHES[key]
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    digest = plain_sha256(path)
     if time.time() - st.st_mtime > _SETTLED_S:
-        _HASHES[key] = h.hexdigest()
-    return h.hexdigest()
+        _HASHES[key] = digest
+    return digest
 
 
 def encoder_files(folder: str | Path) -> list[Path]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from affectkit.errors import ConfigError, DataError
+from affectkit.features.encoder_ref import file_sha256
 
 log = logging.getLogger("affectkit")
 
@@ -64,26 +65,21 @@ def check_runtime(runtime: str) -> str:
 
 def folder_sha256(folder: Path) -> str:
     """Content hash of the files of a transformers folder that change its vectors (weights, config,
-    tokenizer), in name order."""
+    tokenizer), in name order (for a folder that is no affectkit encoder: the shipped MiniLM)."""
     h = hashlib.sha256()
     names = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
              "model.safetensors", "pytorch_model.bin")
     for name in names:
         path = folder / name
         if path.is_file():
-            h.update(name.encode())
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            h.update(f"{name}:{file_sha256(path)}".encode())
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _feeds(enc: Any) -> dict[str, np.ndarray]:
+    """The exported graph's inputs from a tokenizer's output."""
+    return {"input_ids": np.asarray(enc["input_ids"], np.int64),
+            "attention_mask": np.asarray(enc["attention_mask"], np.int64)}
 
 
 def _import_runtime() -> Any:
@@ -112,9 +108,10 @@ def pooled_module(model: Any) -> Any:
     return Pooled()
 
 
-def export_onnx(folder: Path, tokenize: Any, target: Path, runtime: str) -> dict[str, Any]:
+def export_onnx(folder: Path, tokenize: Any, target: Path, runtime: str, source_sha256: str) -> dict[str, Any]:
     """Export the transformer in ``folder`` (+ pooling) to ``target`` for ``runtime``, check it against
-    torch on :data:`PROBES`, and write it atomically with a sidecar ``.json`` record. Returns the record."""
+    torch on :data:`PROBES`, and write it atomically with a sidecar ``.json`` record naming ``source_sha256``
+    (the folder's content hash). Returns the record."""
     import torch
     from transformers import AutoModel
 
@@ -144,8 +141,7 @@ def export_onnx(folder: Path, tokenize: Any, target: Path, runtime: str) -> dict
                               dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
                                             "attention_mask": {0: "batch", 1: "tokens"},
                                             "vectors": {0: "batch"}})
-        feeds = {"input_ids": np.asarray(enc["input_ids"], np.int64),
-                 "attention_mask": np.asarray(enc["attention_mask"], np.int64)}
+        feeds = _feeds(enc)
         made, float_layers = fp32, 0
         got = _session(made, 1).run(None, feeds)[0]
         if runtime == "onnx-int8":
@@ -158,7 +154,7 @@ def export_onnx(folder: Path, tokenize: Any, target: Path, runtime: str) -> dict
                 float_layers = len(keep_float)
                 if np.min(np.sum(got * expected, axis=1)) >= INT8_MIN_COSINE:
                     break
-        record = {"runtime": runtime, "source_sha256": folder_sha256(folder), "recipe": EXPORT_RECIPE,
+        record = {"runtime": runtime, "source_sha256": source_sha256, "recipe": EXPORT_RECIPE,
                   "opset": OPSET, "torch": torch.__version__, "float_layers": float_layers,
                   "max_abs_diff": float(np.abs(got - expected).max()),
                   "min_cosine": float(np.min(np.sum(got * expected, axis=1)))}
@@ -168,7 +164,7 @@ def export_onnx(folder: Path, tokenize: Any, target: Path, runtime: str) -> dict
         if runtime == "onnx-int8" and record["min_cosine"] < INT8_MIN_COSINE:
             raise DataError(f"the int8 encoder of {folder.name} moves vectors too far (cosine "
                             f"{record['min_cosine']:.3f} < {INT8_MIN_COSINE}); use --text-runtime onnx")
-        record["sha256"] = _file_sha256(made)
+        record["sha256"] = file_sha256(made)
         os.replace(made, target)
         side = target.with_suffix(".json")
         side_tmp = Path(tmp) / "record.json"
@@ -219,19 +215,20 @@ class OnnxEncoder:
 
     ``tokenize(texts)`` is the encoder's own tokenizer call (returns numpy ``input_ids``/``attention_mask``);
     ``threads``: ONNX Runtime intra-op threads (default: torch's current setting, so ``--threads`` applies);
-    ``name``: the exported file's name stem (default: the folder's name).
+    ``name``: the exported file's name stem (default: the folder's name); ``source_sha256``: the folder's
+    content hash when the caller has it (an affectkit encoder's reference), else :func:`folder_sha256`.
     The exported graph is found (or made) under ``cache_dir/onnx``, keyed by the folder's content hash.
     """
 
     def __init__(self, folder: str | Path, tokenize: Any, runtime: str, cache_dir: str | Path,
-                 threads: int | None = None, name: str | None = None) -> None:
+                 threads: int | None = None, name: str | None = None, source_sha256: str | None = None) -> None:
         if check_runtime(runtime) == "torch":
             raise ConfigError("OnnxEncoder runs the onnx runtimes only")
         _import_runtime()
         self.folder = Path(folder)
         self.runtime = runtime
         self.tokenize = tokenize
-        source = folder_sha256(self.folder)
+        source = source_sha256 or folder_sha256(self.folder)
         key = hashlib.sha256(f"{source}:{runtime}:{EXPORT_RECIPE}:{OPSET}".encode()).hexdigest()[:16]
         self.path = Path(cache_dir) / "onnx" / f"{name or self.folder.name}-{runtime}-{key}.onnx"
         self.record = self._load_record(source)
@@ -248,11 +245,11 @@ class OnnxEncoder:
                 record = json.loads(side.read_text())
             except (OSError, ValueError):
                 record = {}
-            if record.get("source_sha256") == source and record.get("sha256") == _file_sha256(self.path):
+            if record.get("source_sha256") == source and record.get("sha256") == file_sha256(self.path):
                 return record
             log.warning("the exported encoder %s does not match its record: exporting it again", self.path)
         try:
-            return export_onnx(self.folder, self.tokenize, self.path, self.runtime)
+            return export_onnx(self.folder, self.tokenize, self.path, self.runtime, source)
         except OSError as exc:
             raise ConfigError(f"cannot write the exported encoder to {self.path.parent} ({exc.strerror or exc}); "
                               "set AFFECTKIT_CACHE to a writable folder or use --text-runtime torch") from None
@@ -263,8 +260,7 @@ class OnnxEncoder:
         out = []
         for start in range(0, len(texts), batch_size):
             enc = self.tokenize(list(texts[start : start + batch_size]))
-            out.append(self.session.run(None, {"input_ids": np.asarray(enc["input_ids"], np.int64),
-                                               "attention_mask": np.asarray(enc["attention_mask"], np.int64)})[0])
+            out.append(self.session.run(None, _feeds(enc))[0])
         if not out:
             return np.zeros((0, int(self.session.get_outputs()[0].shape[-1] or 0)), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)

@@ -97,7 +97,8 @@ def _load_onnx(folder: str, sha256: str, runtime: str, cache_dir: str, max_lengt
     from affectkit.features.encoder_ref import hf_tokenizer
     from affectkit.features.fast_encoder import OnnxEncoder
 
-    return OnnxEncoder(folder, hf_tokenizer(folder, max_length, truncation_side), runtime, cache_dir, name=name)
+    return OnnxEncoder(folder, hf_tokenizer(folder, max_length, truncation_side), runtime, cache_dir, name=name,
+                       source_sha256=sha256 or None)
 
 
 @lru_cache(maxsize=2)
