@@ -256,6 +256,14 @@ def under_attack(url: str, sessions: int, rate: float, duration: float,
     return legit, attack
 
 
+def finish(results: dict, json_path: str | None) -> None:
+    """The load average after the run, printed and kept; the figures written to ``json_path`` if given."""
+    results["load_after"] = os.getloadavg()
+    print(f"load average after: {results['load_after']}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+
+
 def target_and_steps(server: Server, name: str, args: Any, results: dict, target: bool) -> None:
     """On a started ``server``: a warm-up, the target load (when ``target``), then the rate steps of the
     maximum sustained throughput; figures into ``results`` under ``name``; the server is stopped."""
@@ -343,17 +351,14 @@ def main() -> None:
                     per_utt = r["legit"]["server_cpu_per_s"] / max(r["legit"]["throughput"], 1e-9)
                     print(f"  {runtime:9s} {r['calm']['p99_ms']:8.1f} / {r['legit']['p99_ms']:8.1f}   "
                           f"lost {r['calm']['lost']} / {r['legit']['lost']}   {per_utt * 1000:.1f} ms")
-            results["load_after"] = os.getloadavg()
-            print(f"load average after: {results['load_after']}")
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2))
+            finish(results, args.json)
             return
         if len(args.encoder_base) > 1 or len(args.text_runtime) > 1:  # encoders x runtimes, batched, side by side
-            for base in args.encoder_base:
-                ckpt = make_checkpoint(Path(tmp), base)
+            for base in args.encoder_base:  # the first base's checkpoint is the one made (or given) above
+                base_ckpt = ckpt if base == args.encoder_base[0] else make_checkpoint(Path(tmp), base)
                 for runtime in args.text_runtime:
                     key = f"{base} {runtime}"
-                    server = Server(ckpt, Path(tmp) / f"store-{base}-{runtime}.db", 32, args.threads,
+                    server = Server(base_ckpt, Path(tmp) / f"store-{base}-{runtime}.db", 32, args.threads,
                                     ("--text-runtime", runtime))
                     target_and_steps(server, key, args, results, target=True)
             print(f"max sustained at p99 < {args.p99_ms:g} ms (batched server, every sentence new):")
@@ -361,10 +366,7 @@ def main() -> None:
                 for runtime in args.text_runtime:
                     r = results.get(f"{base} {runtime}")
                     print(f"  {base:6s} {runtime:9s} {r['throughput'] if r else 0:.1f}/s")
-            results["load_after"] = os.getloadavg()
-            print(f"load average after: {results['load_after']}")
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=2))
+            finish(results, args.json)
             return
         servers = [(n, b, e) for n, b, e in (("batched", 32, ()), ("encoder-only", 32, ("--no-engine-batch",)),
                                                ("unbatched", 1, ())) if n in args.servers]
@@ -382,10 +384,7 @@ def main() -> None:
     else:
         print(f"max sustained throughput at p99 < {args.p99_ms:g} ms: batched "
               f"{b['throughput'] if b else 'none'}, unbatched {u['throughput'] if u else 'none'}")
-    results["load_after"] = os.getloadavg()
-    print(f"load average after: {results['load_after']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    finish(results, args.json)
 
 
 if __name__ == "__main__":
