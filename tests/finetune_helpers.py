@@ -6,6 +6,7 @@ import json
 import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 WORDS = ["happy", "glad", "great", "sad", "miss", "cry", "okay", "fine", "so", "very", "i", "am", "you",
          "are", "angry", "hate", "stop", "wow", "today", "it", "is", "m", "f", ":"]
@@ -16,35 +17,35 @@ CUES = {0: ["happy", "glad"], 1: ["sad", "cry"], 2: ["okay", "fine"], 3: ["angry
 
 def write_tiny_base(folder: Path, seed: int = 0) -> Path:
     """A randomly initialised 1-layer, 16-wide BERT plus tokenizer, saved like a sentence-transformers folder."""
-    import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(folder)
-    _write_st_files(folder, 16)
-    return folder
+    return _write_tiny(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], BertTokenizerFast, {},
+                       BertConfig, BertModel, 64, seed)
 
 
 def write_tiny_mpnet(folder: Path, seed: int = 0) -> Path:
     """A randomly initialised 1-layer, 16-wide MPNet plus tokenizer, in sentence-transformers' folder layout
     (a stand-in for all-mpnet-base-v2: same architecture and files, 27 words)."""
-    import torch
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
 
+    return _write_tiny(folder, ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>"], MPNetTokenizerFast,
+                       {"unk_token": "[UNK]"}, MPNetConfig, MPNetModel, 66, seed)
+
+
+def _write_tiny(folder: Path, specials: list[str], tokenizer_cls: Any, tokenizer_kw: dict[str, Any],
+                config_cls: Any, model_cls: Any, max_positions: int, seed: int) -> Path:
+    """One tiny transformers folder: ``specials`` + :data:`WORDS` as a word-level vocabulary, a 1-layer,
+    16-wide model of ``model_cls`` initialised from ``seed``, and sentence-transformers' module files."""
+    import torch
+
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["<s>", "<pad>", "</s>", "<unk>", "[UNK]", "<mask>", *WORDS]
+    vocab = [*specials, *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    MPNetTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, unk_token="[UNK]").save_pretrained(folder)
+    tokenizer_cls(vocab={w: i for i, w in enumerate(vocab)}, **tokenizer_kw).save_pretrained(folder)
     torch.manual_seed(seed)
-    cfg = MPNetConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=66)
-    MPNetModel(cfg).save_pretrained(folder)
+    cfg = config_cls(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=max_positions)
+    model_cls(cfg).save_pretrained(folder)
     _write_st_files(folder, 16)
     return folder
 
