@@ -268,7 +268,7 @@ def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
         return None
     if embed is not None:
         return embed
-    if engine is not None and (engine.text_encoder() is not None or engine.text_runtime != "torch"):
+    if engine is not None and engine.text_encoder() is not None:
         return engine.embed_inputs
     try:
         from affectkit.features import text as text_features
@@ -278,4 +278,4 @@ def _text_embedder(dims: dict[str, int], embed: Any, engine: Any = None) -> Any:
         return None
     from affectkit.stream import embed_text
 
-    return embed_text
+    return engine.embed_inputs if engine is not None else embed_text  # the engine's runtime
