@@ -69,8 +69,9 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
         stored = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError):
         return False
+    provenance = run_provenance(folder) or {}
     if data_sha256 is not None:
-        had = (run_provenance(folder) or {}).get("data_sha256")
+        had = provenance.get("data_sha256")
         if had != data_sha256:
             log.warning("%s: trained on other data (sha256 %s, now %s); running it again", folder,
                         (had or "not recorded")[:12], data_sha256[:12])
@@ -86,7 +87,7 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
     old, new = flatten_overrides(stored), flatten_overrides(new_cfg.to_dict())
     changed = [k for k in old.keys() & new.keys() if k not in NO_EFFECT_KEYS and old[k] != new[k]]
     if not changed:  # the model as built: a default that changed between versions changes the model too
-        had = (run_provenance(folder) or {}).get("model_config")
+        had = provenance.get("model_config")
         if had is None:  # a run from before provenance held every field: the defaults of its time
             had = full_model_config(config_from_dict(stored), legacy=True)
         now = full_model_config(new_cfg)
