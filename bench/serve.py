@@ -12,7 +12,9 @@ Two parts, one run:
 
 ``--abuse`` runs instead the target load while one client attacks the same server with the operator key
 (a leaked key, or an abusive tenant): it floods session creation, sends invalid frames as fast as the
-server answers, and reconnects over and over; both sides are printed.
+server answers, and reconnects over and over; both sides are printed.  ``--attack junk`` (or ``flood``,
+``churn``) runs one part alone; ``--refusal-delay 0 1`` compares servers that answer rate-limit refusals at
+once with ones that hold them back (``affectkit serve --refusal-delay``), side by side.
 
 The model is the text-only causal preset (``configs/corect_iemocap6_causal.yaml`` with
 ``model.modalities=[text]``, 384-d sentence-encoder features), randomly initialised: speed does not
@@ -173,7 +175,8 @@ def max_sustained(url: str, sessions: int, rates: list[float], step: float, p99_
     return best
 
 
-async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
+async def attacker(url: str, duration: float, out: dict, go: Any,
+                   parts: tuple[str, ...] = ("flood", "junk", "churn")) -> None:
     """One client, for ``duration`` s: floods session creation, sends invalid frames on 4 sessions as fast as
     they are answered, and reconnects to 4 sessions over and over; counts what it got back."""
     import httpx
@@ -223,27 +226,30 @@ async def attacker(url: str, duration: float, out: dict, go: Any) -> None:
                     kind = f"HTTP {response.status_code}" if response is not None else type(exc).__name__
                 count("reconnects", kind)
 
-        await asyncio.gather(flood(), *(junk(s) for s in own[:4]), *(churn(s) for s in own[4:]))
+        await asyncio.gather(*([flood()] if "flood" in parts else []),
+                             *(junk(s) for s in own[:4] if "junk" in parts),
+                             *(churn(s) for s in own[4:] if "churn" in parts))
 
 
-def _attack_process(url: str, duration: float, queue: Any, go: Any, cpus: set[int] | None) -> None:
+def _attack_process(url: str, duration: float, queue: Any, go: Any, cpus: set[int] | None,
+                    parts: tuple[str, ...]) -> None:
     if cpus:
         os.sched_setaffinity(0, cpus)
     attack: dict = {"create": {}, "frames": {}, "reconnects": {}}
-    asyncio.run(attacker(url, duration, attack, go))
+    asyncio.run(attacker(url, duration, attack, go, parts))
     attack["cpu_s"] = time.process_time()  # the attacker's own CPU, which the server's machine paid here
     queue.put(attack)
 
 
-def under_attack(url: str, sessions: int, rate: float, duration: float,
-                 cpus: set[int] | None = None) -> tuple[dict, dict]:
+def under_attack(url: str, sessions: int, rate: float, duration: float, cpus: set[int] | None = None,
+                 parts: tuple[str, ...] = ("flood", "junk", "churn")) -> tuple[dict, dict]:
     """The target load while the attacker (a process of its own, on ``cpus`` if given, so its client work
     does not delay the legitimate clients' event loop) runs from 1 s before to 2 s after it."""
     import multiprocessing
 
     queue: Any = multiprocessing.Queue()
     go = multiprocessing.Event()
-    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue, go, cpus))
+    proc = multiprocessing.Process(target=_attack_process, args=(url, duration + 3, queue, go, cpus, parts))
     proc.start()
     try:
         time.sleep(1.0)
@@ -278,18 +284,22 @@ def target_and_steps(server: Server, name: str, args: Any, results: dict, target
         server.stop()
 
 
-def abuse_run(ckpt: Path, store: Path, runtime: str, args: Any, attacker_cpus: set[int] | None) -> dict:
-    """The target load on a fresh server (text encoder on ``runtime``), first alone, then under attack."""
+def abuse_run(ckpt: Path, store: Path, runtime: str, args: Any, attacker_cpus: set[int] | None,
+              refusal_delay: float = 1.0) -> dict:
+    """The target load on a fresh server (text encoder on ``runtime``, refusals held back up to
+    ``refusal_delay`` s), first alone, then under attack."""
     burst = str(2 * args.sessions + 16)  # the bench's own sessions; the flood meets the limit
-    print(f"--- server with --text-runtime {runtime}", flush=True)
-    server = Server(ckpt, store, 32, args.threads, ("--create-burst", burst, "--text-runtime", runtime))
+    print(f"--- server with --text-runtime {runtime} --refusal-delay {refusal_delay:g}", flush=True)
+    server = Server(ckpt, store, 32, args.threads, ("--create-burst", burst, "--text-runtime", runtime,
+                                                    "--refusal-delay", str(refusal_delay)))
     try:
         asyncio.run(load(server.url, 4, 2, 2))  # warm up
         cpu0 = server.cpu()
         calm = asyncio.run(load(server.url, args.sessions, args.rate, args.duration))
         cpu1 = server.cpu()
         show("legitimate, no attack", calm)
-        legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration, attacker_cpus)
+        legit, attack = under_attack(server.url, args.sessions, args.rate, args.duration, attacker_cpus,
+                                     tuple(args.attack))
         cpu2 = server.cpu()
     finally:
         server.stop()
@@ -325,6 +335,10 @@ def main() -> None:
     p.add_argument("--text-runtime", nargs="+", default=["onnx"], choices=["torch", "onnx", "onnx-int8"],
                    help="the servers' sentence-encoder runtime (--abuse: one server each, side by side; "
                         "otherwise the first)")
+    p.add_argument("--attack", nargs="+", default=["flood", "junk", "churn"], choices=["flood", "junk", "churn"],
+                   help="with --abuse: what the attacker does (default: all three; one at a time finds what costs)")
+    p.add_argument("--refusal-delay", type=float, nargs="+", default=[1.0],
+                   help="with --abuse: the servers' --refusal-delay (several: one server each, side by side)")
     p.add_argument("--pin", action="store_true",
                    help="with --abuse: the attacker alone on the last CPU, the server and the legitimate clients on "
                         "the others (the attacker's client CPU stands for a remote machine's)")
@@ -342,15 +356,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.encoder_base[0])
         if args.abuse:
-            for runtime in args.text_runtime:
-                results[runtime] = abuse_run(ckpt, Path(tmp) / f"abuse-{runtime}.db", runtime, args, attacker_cpus)
-            if len(args.text_runtime) > 1:
-                print("side by side (p99 ms: no attack / under attack; server CPU s per utterance under attack):")
-                for runtime in args.text_runtime:
-                    r = results[runtime]
-                    per_utt = r["legit"]["server_cpu_per_s"] / max(r["legit"]["throughput"], 1e-9)
-                    print(f"  {runtime:9s} {r['calm']['p99_ms']:8.1f} / {r['legit']['p99_ms']:8.1f}   "
-                          f"lost {r['calm']['lost']} / {r['legit']['lost']}   {per_utt * 1000:.1f} ms")
+            runs = [(rt, d) for rt in args.text_runtime for d in args.refusal_delay]
+            for runtime, delay in runs:
+                key = runtime if len(args.refusal_delay) == 1 else f"{runtime} delay {delay:g}"
+                results[key] = abuse_run(ckpt, Path(tmp) / f"abuse-{runtime}-{delay:g}.db", runtime, args,
+                                         attacker_cpus, delay)
+            if len(runs) > 1:
+                print("side by side (p99 ms: no attack / under attack, client-measured and server-side; server "
+                      "CPU s per s under attack; attack answers per s):")
+                for key in (k for k in results if isinstance(results[k], dict) and "legit" in results[k]):
+                    r = results[key]
+                    answers = sum(sum(v.values()) for v in r["attack"].values() if isinstance(v, dict))
+                    print(f"  {key:22s} client {r['calm']['p99_ms']:7.1f} / {r['legit']['p99_ms']:7.1f}   "
+                          f"server {r['calm']['server_p99_ms']:7.1f} / {r['legit']['server_p99_ms']:7.1f}   "
+                          f"lost {r['calm']['lost']} / {r['legit']['lost']}   CPU {r['legit']['server_cpu_per_s']:.2f}"
+                          f"   attack answers {answers / (args.duration + 3):.0f}/s")
             finish(results, args.json)
             return
         if len(args.encoder_base) > 1 or len(args.text_runtime) > 1:  # encoders x runtimes, batched, side by side

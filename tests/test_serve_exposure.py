@@ -89,6 +89,7 @@ def checkpoint(tmp_path_factory, model):
     (["--max-queue", "0"], "--max-queue must be"),
     (["--rate", "0"], "--rate must be > 0"),
     (["--retain", "0"], "--retain must be a number of days > 0"),
+    (["--refusal-delay", "-1"], "--refusal-delay must be >= 0"),
     (["--max-store-mb", "nan"], "--max-store-mb must be a finite number"),
     (["--host", "0.0.0.0"], "set an operator key"),
     (["--api-key", "short"], "--api-key must be at least 16 characters"),
@@ -365,7 +366,8 @@ def test_invalid_frames_spend_the_rate_limit(model):
 
 
 def test_a_flood_is_disconnected_and_a_reconnect_loop_refused(model):
-    with _client(model, rate_per_s=0.01, rate_burst=3, connect_per_min=60, connect_burst=3) as c:
+    with _client(model, rate_per_s=0.01, rate_burst=3, connect_per_min=60, connect_burst=3,
+                 refusal_delay_s=0) as c:
         sid, tok = _open(c)
         with _ws(c, sid, tok) as ws:
             ws.receive_json()
@@ -382,6 +384,44 @@ def test_a_flood_is_disconnected_and_a_reconnect_loop_refused(model):
             with _ws(c, sid, tok):
                 pass
         assert denied.value.status_code == 429 and int(denied.value.headers["Retry-After"]) >= 1
+
+
+def test_a_rate_limited_connection_is_not_read_until_it_may_send_again(model):
+    # 5 frames/s, burst 2: the third frame at once is refused, and the server reads nothing more for 0.2 s,
+    # so the fourth, sent at once, finds a token again (answered, not refused; one strike, no close)
+    with _client(model, rate_per_s=5, rate_burst=2) as c:
+        sid, tok = _open(c)
+        with _ws(c, sid, tok) as ws:
+            ws.receive_json()
+            for _ in range(4):
+                ws.send_text("{junk")
+            kinds = [ws.receive_json()["error"] for _ in range(4)]
+            assert kinds == ["bad_json", "bad_json", "rate_limited", "bad_json"]
+
+
+def test_a_refused_creation_is_answered_after_its_retry_after(model):
+    with _client(model, create_per_min=60, create_burst=1, refusal_delay_s=0.4) as c:
+        _open(c)
+        t = time.perf_counter()
+        r = c.post("/v1/sessions")
+        assert r.status_code == 429 and time.perf_counter() - t >= 0.4  # held back: min(1 s wait, 0.4 s)
+
+
+def test_refusals_held_back_are_bounded_per_address(model):
+    import asyncio
+
+    from affectkit.serve.service import HELD_PER_CLIENT
+
+    with _client(model, refusal_delay_s=0.05) as c:
+        svc = c.app.state.service
+        assert asyncio.run(svc.refuse_slowly("10.0.0.1", 3.0)) == 0.05  # the wait, at most the delay
+        assert asyncio.run(svc.refuse_slowly("10.0.0.1", 0.01)) == 0.01
+        assert svc.held == {}  # released
+        svc.held["10.0.0.1"] = HELD_PER_CLIENT  # as many held as allowed: the next is answered at once
+        assert asyncio.run(svc.refuse_slowly("10.0.0.1", 3.0)) == 0.0
+        assert asyncio.run(svc.refuse_slowly("10.0.0.2", 3.0)) == 0.05  # another address is not affected
+    with _client(model, refusal_delay_s=0) as c:
+        assert asyncio.run(c.app.state.service.refuse_slowly("10.0.0.1", 3.0)) == 0.0
 
 
 def test_retention_deletes_unused_sessions_with_their_log(model, tmp_path):

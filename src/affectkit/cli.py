@@ -167,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, idle_evict_s=args.idle_evict,
           threads=args.threads, audio=audio, api_key=args.api_key, create_per_min=args.create_rate,
           create_burst=args.create_burst, connect_per_min=args.connect_rate,
+          refusal_delay_s=args.refusal_delay,
           max_sessions=args.max_sessions, max_utterances=args.max_utterances, max_store_mb=args.max_store_mb,
           retain_days=args.retain, rate_per_s=args.rate, max_live_sessions=args.max_live,
           idle_timeout_s=args.idle_timeout, engine_batch=not args.no_engine_batch,
@@ -396,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--create-rate", type=float, default=30.0, help="new sessions per minute per client address")
     s.add_argument("--create-burst", type=float, default=10.0, help="new sessions at once per client address")
     s.add_argument("--connect-rate", type=float, default=60.0, help="WebSocket connects per minute per session")
+    s.add_argument("--refusal-delay", type=float, default=1.0, metavar="SECONDS",
+                   help="answer a rate-limit refusal after its Retry-After, at most this long (0: at once), so "
+                        "a client looping on refusals costs the server a few answers a second")
     s.add_argument("--max-sessions", type=int, default=10_000, help="sessions kept in the log at most")
     s.add_argument("--max-utterances", type=int, default=10_000, help="utterances per session at most")
     s.add_argument("--max-store-mb", type=float, default=4096.0, help="log size beyond which nothing new is stored")

@@ -163,6 +163,16 @@ class TokenBucket:
             return 0.0
         return (1 - tokens) / self.rate if self.rate > 0 else math.inf
 
+    def wait(self, key: str, now: float | None = None) -> float:
+        """Seconds until ``key`` may take a token (0: now); takes nothing."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            old = self.buckets.get(key)
+        tokens = self.burst if old is None else self._level(*old, now)
+        if tokens >= 1:
+            return 0.0
+        return (1 - tokens) / self.rate if self.rate > 0 else math.inf
+
     def allow(self, key: str) -> bool:
         """Take a token from ``key``'s bucket: False (and nothing taken) when it is empty."""
         return self.take(key) == 0

@@ -166,6 +166,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         wait = s.creations.take(client)
         if wait:
             s.metrics.errors.labels("rate_limited").inc()
+            await s.refuse_slowly(client, wait)
             raise HTTPException(429, f"over {lim.create_per_min:g} new sessions per minute from this address",
                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
         sid, token = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
@@ -277,6 +278,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         wait = s.connects.take(session_id)
         if wait:  # a reconnect loop: refused before any work is done for it
             s.metrics.errors.labels("rate_limited").inc()
+            await s.refuse_slowly(ws.client.host if ws.client else "unknown", wait)
             await ws.send_denial_response(JSONResponse(
                 {"detail": f"over {s.settings.connect_per_min:g} connects per minute to this session"},
                 status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))}))
@@ -428,6 +430,8 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
         if refused >= s.settings.rate_burst:
             await _close(ws, 1008, "rate limit ignored")
             return
+        if refused:  # nothing more is read from this connection before the session may send again
+            await s.refuse_slowly(ws.client.host if ws.client else "unknown", s.frames.wait(session_id))
         if reply.get("error") == "moved":  # another replica holds the session now: the client reconnects
             await _close(ws, 1012, "session moved: reconnect")
             return

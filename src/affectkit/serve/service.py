@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Session rows kept in memory for the WebSocket upgrade's token check (a row is ~200 bytes).
 ROW_CACHE_ENTRIES = 4096
+#: Refusals held back at once per client address (:meth:`Service.refuse_slowly`); beyond, answered at once.
+HELD_PER_CLIENT = 16
 
 @dataclass
 class ServeSettings:
@@ -49,6 +51,7 @@ class ServeSettings:
     rate_burst: float = 40.0       # ... with this burst; a connection refused this many frames in a row is closed
     connect_per_min: float = 60.0  # WebSocket connects per minute per session ...
     connect_burst: float = 10.0    # ... with this burst (a reconnect loop is refused with 429, never served)
+    refusal_delay_s: float = 1.0   # a rate-limit refusal is answered after its Retry-After, at most this long
     sweep_every_s: float = 10.0    # how often idle sessions are looked for (and retention runs)
     max_rebuilds: int = 64         # sessions waiting to be rebuilt from the log beyond which reconnects are refused
     engine_batch: bool = True      # step the sessions of a batch in one forward (False: one push per session)
@@ -99,7 +102,7 @@ class ServeSettings:
                     raise ConfigError(f"{FLAGS[name]}: give one or more non-empty names")
 
 
-NON_NEGATIVE = ("max_wait_ms", "idle_evict_s")
+NON_NEGATIVE = ("max_wait_ms", "idle_evict_s", "refusal_delay_s")
 FLAGS = {"max_batch": "--max-batch", "max_wait_ms": "--batch-wait-ms", "max_queue": "--max-queue",
          "idle_evict_s": "--idle-evict", "max_live_sessions": "--max-live", "idle_timeout_s": "--idle-timeout",
          "max_message_bytes": "--max-message-bytes", "max_text_chars": "--max-text-chars",
@@ -108,7 +111,7 @@ FLAGS = {"max_batch": "--max-batch", "max_wait_ms": "--batch-wait-ms", "max_queu
          "max_sessions": "--max-sessions", "connect_per_min": "--connect-rate",
          "connect_burst": "--connect-burst", "max_utterances": "--max-utterances", "max_store_mb": "--max-store-mb",
          "retain_days": "--retain", "allowed_hosts": "--allowed-host", "allowed_origins": "--allowed-origin",
-         "text_runtime": "--text-runtime"}
+         "text_runtime": "--text-runtime", "refusal_delay_s": "--refusal-delay"}
 
 
 def model_identity(model: Any, info: dict[str, Any], text_encoder: str | None) -> dict[str, Any]:
@@ -176,6 +179,7 @@ class Service:
         self.creations = TokenBucket(settings.create_per_min / 60, settings.create_burst)
         self.connects = TokenBucket(settings.connect_per_min / 60, settings.connect_burst)
         self.connections: dict[str, set[Any]] = {}  # open ones only: emptied sets are removed
+        self.held: dict[str, int] = {}  # client address -> refusals held back now (refuse_slowly)
         #: sessions' rows (token digest, model) as read or created here, so an upgrade is checked without a
         #: store read (a reconnect flood costs no thread-pool hop); dropped when the session is deleted here.
         self.rows: LRUCache[str, SessionRow] = LRUCache(ROW_CACHE_ENTRIES)
@@ -205,6 +209,23 @@ class Service:
     def allow(self, session_id: str) -> bool:
         """Token bucket per session: False when the session sends frames faster than the limit."""
         return self.frames.allow(session_id)
+
+    async def refuse_slowly(self, client: str, wait: float) -> float:
+        """Hold a rate-limit refusal back for its ``wait`` (the Retry-After it announces), at most
+        ``refusal_delay_s``: a client that loops on refusals gets a few answers a second instead of hundreds,
+        and each costs the event loop one timer.  At most :data:`HELD_PER_CLIENT` are held per address at
+        once (more are answered at once: a held one costs a socket).  Returns the seconds held."""
+        delay = min(wait, self.settings.refusal_delay_s)
+        if delay <= 0 or self.held.get(client, 0) >= HELD_PER_CLIENT:
+            return 0.0
+        self.held[client] = self.held.get(client, 0) + 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            left = self.held.pop(client) - 1
+            if left:
+                self.held[client] = left
+        return delay
 
     def expire(self) -> int:
         """Delete the sessions unused for ``retain_days`` (on the worker: no live state left behind)."""
