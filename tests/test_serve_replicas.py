@@ -120,6 +120,30 @@ def test_a_replica_that_lost_a_session_tells_its_client_to_reconnect(model, post
         assert [(r.position, r.speaker, r.text) for r in rows] == [(k, n, t) for k, (n, t) in enumerate(CONVERSATION)]
 
 
+def test_a_reconnect_to_a_replica_whose_memory_is_stale_is_told_the_true_position(model, postgres_url):
+    """The session is live on A; the client moves to B and goes on there; then it comes back to A (the balancer
+    sent it there again).  A checks its memory against the shared log at the connect: the ready frame gives the
+    log's position (5, not A's 3), and the next utterance is answered, not ``moved``."""
+    want = _reference(model, CONVERSATION)
+    with TestClient(create_app(model, postgres_url, ServeSettings(), embed=embed)) as a, \
+            TestClient(create_app(model, postgres_url, ServeSettings(), embed=embed)) as b:
+        created = a.post("/v1/sessions").json()
+        sid, auth = created["id"], {"Authorization": f"Bearer {created['token']}"}
+        with a.websocket_connect(f"/v1/sessions/{sid}/stream", headers=auth) as on_a:
+            on_a.receive_json()
+            got = [_say(on_a, *u) for u in CONVERSATION[:3]]
+        with b.websocket_connect(f"/v1/sessions/{sid}/stream", headers=auth) as on_b:
+            on_b.receive_json()
+            got += [_say(on_b, *u) for u in CONVERSATION[3:5]]
+        assert sid in a.app.state.service.pool.live  # A still holds it, 2 utterances behind
+        with a.websocket_connect(f"/v1/sessions/{sid}/stream", headers=auth) as on_a:
+            assert on_a.receive_json()["position"] == 5
+            got += [_say(on_a, *u) for u in CONVERSATION[5:]]
+        assert [g.get("position") for g in got] == list(range(len(CONVERSATION))), got
+        np.testing.assert_allclose([[g["probs"][n] for n in INFO["label_names"]] for g in got],
+                                   [w.probs for w in want], atol=1e-6)
+
+
 # ------------------------------------------------------------------ for real: PostgreSQL, 2 replicas, HAProxy
 
 N_SESSIONS, N_UTT, FEAT = 6, 24, 16

@@ -82,6 +82,15 @@ def test_utterances_and_speech_round_trip_exactly(store):
     assert store.transcript("nope") is None
 
 
+def test_next_position_counts_the_sessions_own_log(store, target):
+    store.create_session("s1", "t")
+    store.create_session("s2", "t")
+    assert store.next_position("s1") == 0 and store.next_position("nope") == 0
+    store.append([_rec("s1", 0), _rec("s1", 1), _rec("s1", 2), _rec("s2", 0)])
+    assert store.next_position("s1") == 3 and store.next_position("s2") == 1
+    assert store.shared is target.startswith("postgresql")  # only a server's log has other writers
+
+
 def test_delete_takes_the_log_and_the_speech_with_it(store):
     for sid in ("s1", "s2"):
         store.create_session(sid, "t")

@@ -264,8 +264,14 @@ class SessionPool:
         return CacheStats(len(self.live), self.max_live, self.hits, self.rebuilt, self.evicted)
 
     def position(self, session_id: str) -> tuple[int, list[str]]:
-        """(next position, participants) of a session, rebuilding it if needed."""
+        """(next position, participants) of a session, rebuilding it if needed.  On a shared log a session
+        held in memory is checked against the log first (one indexed read): if another replica wrote to it
+        meanwhile it is rebuilt now, so the client is told the true position, not one its first utterance
+        would find taken (``moved``, a reconnect)."""
         live = self.get(session_id)
+        if self.store.shared and self.store.next_position(session_id) != len(live.stream):
+            self.drop(session_id)
+            live = self.get(session_id)
         return len(live.stream), [str(p) for p in live.stream.participants]
 
     # -- the batch step

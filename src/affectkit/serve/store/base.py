@@ -118,6 +118,8 @@ class LogStore(ABC):
     call from several threads; the service appends from its one worker thread."""
 
     url: str  # where the log is, as the operator named it (a password never shown)
+    #: whether other processes may write to this log (replicas): then a session held in memory can be stale
+    shared: bool = False
 
     @abstractmethod
     def close(self) -> None: ...
@@ -169,6 +171,11 @@ class LogStore(ABC):
     @abstractmethod
     def records(self, session_id: str) -> Iterator[Record]:
         """The session's utterances in position order (the replay log)."""
+
+    @abstractmethod
+    def next_position(self, session_id: str) -> int:
+        """The position the session's next utterance takes (how many it has logged; 0 for none or no such
+        session): one indexed read, to tell whether a session held in memory is behind the log."""
 
     @abstractmethod
     def append_audio(self, session_id: str, position: int, meta: dict[str, object], prosody: np.ndarray,

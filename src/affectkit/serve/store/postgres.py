@@ -131,6 +131,8 @@ class PostgresStore(LogStore):
     the tables are created if missing.  ConfigError (one line) when the URL is malformed or the server
     cannot be reached within ``connect_timeout`` seconds."""
 
+    shared = True  # replicas write to it
+
     def __init__(self, url: str, connect_timeout: float = 5.0) -> None:
         try:
             import psycopg
@@ -246,6 +248,10 @@ class PostgresStore(LogStore):
         rows = self._read.run(lambda db: _utterance_rows(db, session_id))
         for row in rows:
             yield record_of(row)
+
+    def next_position(self, session_id: str) -> int:
+        return int(self._read.run(lambda db: db.execute(
+            "SELECT COALESCE(MAX(position) + 1, 0) FROM utterances WHERE session = %s", (session_id,)).fetchone()[0]))
 
     def append_audio(self, session_id: str, position: int, meta: dict[str, object], prosody: np.ndarray,
                      pcm: bytes | None = None) -> None:

@@ -244,6 +244,11 @@ class SQLiteStore(LogStore):
         for row in rows:
             yield record_of(row)
 
+    def next_position(self, session_id: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM utterances WHERE session = ?",
+                                        (session_id,)).fetchone()[0])
+
     def _utterance_rows(self, session_id: str) -> list[tuple]:
         return self._db.execute(
             "SELECT session, position, speaker, text, features, blob, label, probs, latency_ms, created "
