@@ -93,6 +93,24 @@ def test_allowed_origins(origin, host, allowed, ok):
     assert origin_allowed(origin, host, allowed) is ok
 
 
+def test_token_bucket_wait_takes_nothing():
+    now = [0.0]
+    b = TokenBucket(rate=4.0, burst=2.0, clock=lambda: now[0])
+    assert b.wait("a") == 0.0 and "a" not in b  # unknown: full, and asking keeps no bucket
+    b.take("a")
+    assert b.wait("a") == 0.0  # one token left
+    b.take("a")
+    assert b.wait("a") == pytest.approx(0.25) and b.wait("a") == pytest.approx(0.25)  # 1 / rate; nothing taken
+    now[0] = 0.125
+    assert b.wait("a") == pytest.approx(0.125)  # half a token back
+    assert b.wait("a", now=0.25) == 0.0 and b.wait("a", now=0.2) == pytest.approx(0.05)
+    now[0] = 0.25
+    assert b.take("a") == 0.0  # the token wait announced is there
+    never = TokenBucket(0.0, 1.0, clock=lambda: 0.0)  # rate 0: once empty, never again
+    never.take("x")
+    assert math.isinf(never.wait("x"))
+
+
 def test_token_bucket_arithmetic_and_retry_after():
     now = [0.0]
     b = TokenBucket(rate=2.0, burst=3.0, max_keys=2, clock=lambda: now[0])
