@@ -201,7 +201,9 @@ def test_faster_than_real_time_is_refused(text_model, voices, tmp_path):
                 while True:
                     errors.append(json.loads(ws.recv(timeout=1.5)))
             assert {e["error"] for e in errors} == {"rate_limited"}
-            assert 10 <= len(errors) <= 50  # the burst alone lets 10 of the 60 frames in
+            # the burst lets 10 of the 60 frames in; after each refusal the server reads nothing more until the
+            # audio would be accepted, so about every other later frame is (answered at once: ~50 refusals)
+            assert 10 <= len(errors) <= 40
             time.sleep(1.0)  # after a pause the allowance is back
             ws.send(json.dumps({"speaker": "Ana", "text": "hello"}))
             assert json.loads(ws.recv(timeout=30))["type"] in ("prediction", "error")

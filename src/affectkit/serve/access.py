@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from affectkit.cache import CacheStats
@@ -120,6 +121,11 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed: list[st
         return True
     netloc = urlsplit(origin).netloc.lower()
     return bool(netloc) and host_header is not None and netloc == host_header.strip().lower()
+
+
+def client_address(conn: Any) -> str:
+    """The client's address of a request or WebSocket (the key of per-address limits)."""
+    return conn.client.host if conn.client else "unknown"
 
 
 class TokenBucket:

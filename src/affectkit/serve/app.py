@@ -46,6 +46,7 @@ from affectkit.serve.access import (
     PROTOCOL,
     api_key_ok,
     bearer,
+    client_address,
     host_allowed,
     origin_allowed,
     plausible_id,
@@ -162,7 +163,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
             s.metrics.errors.labels("auth").inc()
             raise HTTPException(401, "creating a session needs the operator key (Authorization: Bearer KEY or "
                                      "X-API-Key: KEY)", headers={"WWW-Authenticate": "Bearer"})
-        client = request.client.host if request.client else "unknown"
+        client = client_address(request)
         wait = s.creations.take(client)
         if wait:
             s.metrics.errors.labels("rate_limited").inc()
@@ -278,7 +279,7 @@ def create_app(source: Any, store: str | Path = ":memory:", settings: ServeSetti
         wait = s.connects.take(session_id)
         if wait:  # a reconnect loop: refused before any work is done for it
             s.metrics.errors.labels("rate_limited").inc()
-            await s.refuse_slowly(ws.client.host if ws.client else "unknown", wait)
+            await s.refuse_slowly(client_address(ws), wait)
             await ws.send_denial_response(JSONResponse(
                 {"detail": f"over {s.settings.connect_per_min:g} connects per minute to this session"},
                 status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))}))
@@ -431,7 +432,7 @@ async def _serve_connection(s: Service, ws: WebSocket, session_id: str) -> None:
             await _close(ws, 1008, "rate limit ignored")
             return
         if refused:  # nothing more is read from this connection before the session may send again
-            await s.refuse_slowly(ws.client.host if ws.client else "unknown", s.frames.wait(session_id))
+            await s.refuse_slowly(client_address(ws), s.frames.wait(session_id))
         if reply.get("error") == "moved":  # another replica holds the session now: the client reconnects
             await _close(ws, 1012, "session moved: reconnect")
             return

@@ -52,6 +52,7 @@ from fastapi import WebSocket
 from prometheus_client import Counter, Histogram
 
 from affectkit.errors import AffectkitError
+from affectkit.serve.access import client_address
 from affectkit.serve.batcher import Batcher, Overloaded
 from affectkit.serve.sessions import Item, UnknownSession
 
@@ -225,6 +226,8 @@ async def serve_audio(s: Any, ws: WebSocket, session_id: str, first: dict[str, A
                     if reply.get("type") != "error":
                         s.metrics.utterances.inc()
                     await say(reply)
+                    if reply.get("error") == "rate_limited":  # as on a text connection
+                        await s.refuse_slowly(client_address(ws), s.frames.wait(session_id))
                     continue
             if control is not None:
                 ctl, control = control, None
@@ -249,6 +252,8 @@ async def serve_audio(s: Any, ws: WebSocket, session_id: str, first: dict[str, A
             problem = _check_frame(settings, track, data)
             if problem is not None:
                 await say(problem)
+                if problem["error"] == "rate_limited":  # nothing more is read until the audio would be accepted
+                    await s.refuse_slowly(client_address(ws), _ahead_s(settings, track, len(data) / 32000))
                 continue
             fe.metrics.seconds.inc(len(data) / 32000)
             for ev in await _events(fe, track, data):
@@ -302,12 +307,17 @@ def _check_frame(st: AudioSettings, track: _Track, data: bytes) -> dict[str, Any
     if len(data) % 2:
         return _error("bad_frame", f"s16le frames hold whole 2-byte samples; got {len(data)} bytes")
     seconds = len(data) / 32000
-    allowed = time.monotonic() - track.started + st.burst_s
-    if track.received_s + seconds > allowed:
+    if _ahead_s(st, track, seconds) > 0:
         return _error("rate_limited", f"audio arrives faster than real time ({track.received_s + seconds:.1f} s "
                                       f"of audio in {time.monotonic() - track.started:.1f} s); frame dropped")
     track.received_s += seconds
     return None
+
+
+def _ahead_s(st: AudioSettings, track: _Track, seconds: float) -> float:
+    """How far ``seconds`` more of the track's audio would run ahead of real time plus the burst (> 0:
+    refused; it is also how long until they would be accepted)."""
+    return track.received_s + seconds - (time.monotonic() - track.started + st.burst_s)
 
 
 async def _events(fe: AudioFront, track: _Track, data: bytes | None) -> list[Any]:
