@@ -308,3 +308,12 @@ def test_first_appearance_slots_by_hand():
     valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
     got = first_appearance_slots(speakers, valid, 3)
     assert got.tolist() == [[0, 1, 0, 2, 1], [0, 0, 1, 0, 0]]  # padding gets 0
+
+
+def test_a_states_bytes_are_its_rings_and_its_lengths():
+    # by hand: a ring of 1 session x 4 slots holds slot_pos (4 int64: 32 B) and, once written, a (1, 4, 2)
+    # float32 buffer (32 B); two such rings and the lengths of one session (one int64: 8 B)
+    rings = {"a": _ring(3, 4, 2, dim=2), "b": _ring(3, 4, 1, dim=2)}
+    state = StepState(torch.tensor([2]), rings)
+    assert [r.nbytes() for r in rings.values()] == [64, 64]
+    assert state.nbytes() == 64 + 64 + 8

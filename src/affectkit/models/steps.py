@@ -147,7 +147,7 @@ class Ring:
         assert self.window is not None
         c = self.count
         w = torch.clamp(pos, max=self.window - 1) + c
-        sessions = torch.repeat_interleave(torch.arange(pos.shape[0], device=pos.device), w)
+        sessions = torch.repeat_interleave(w)  # session i repeated w[i] times
         ends = torch.cumsum(w, 0)
         within = torch.arange(int(ends[-1]), device=pos.device) - (ends - w)[sessions]
         q = (pos + c - w)[sessions].add_(within)  # the positions read
@@ -231,7 +231,7 @@ class StepState:
         """Bytes held by the state (all rings, all sessions)."""
         return sum(r.nbytes() for r in self.rings.values()) + self.lengths.nbytes
 
-    def begin(self, count: int = 1) -> None:
+    def begin(self, count: int) -> None:
         """Start a step of ``count`` utterances per session (1: a live step; more: a prefill chunk)."""
         self.count = count
         for ring in self.rings.values():
