@@ -244,18 +244,18 @@ class Corect(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout),
                                         nn.Linear(h, n_classes))
 
-    def encode(self, batch: Any, state: StepState | None = None,
-               rows: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Ragged | None]:
+    def encode(self, batch: Any, state: StepState | None,
+               rows: torch.Tensor) -> tuple[list[torch.Tensor], Ragged | None]:
         """Per modality the encoded utterances plus the speaker embedding, and the sequences they form.
-        Batch mode: packed rows (U, h) of the (B, T) positions ``rows`` (default: the real utterances), no
-        padding computed anywhere; with ``state``: (B, count, h), the step's utterances, and None."""
+        Batch mode: packed rows (U, h) of the (B, T) positions ``rows`` (the real utterances, or every
+        position with ``mask_padding`` false), no padding computed anywhere; with ``state``: (B, count, h),
+        the step's utterances, and None (``rows`` unused)."""
         cfg = self.cfg
         speakers = batch.speakers
         if self.speaker is not None and cfg.speaker_mode == "per_dialogue" and state is None:
             speakers = first_appearance_slots(speakers, batch.mask, self.speaker.num_embeddings)
         seqs = None
         if state is None:
-            rows = batch.mask if rows is None else rows
             seqs = Ragged(rows, cfg.causal, cfg.context)
             speakers = speakers[rows]
         out = []
