@@ -180,3 +180,39 @@ def test_stepping_equals_the_batch_model_within_its_window(speaker_mode):
             step = model(collate_dialogues([one], MODS), state)
             np.testing.assert_allclose(step[0].numpy(), whole[at + t].numpy(), atol=ATOL)
         at += len(d)
+
+
+@torch.no_grad()
+def test_mask_padding_false_attends_to_padding_as_the_reference_does():
+    """``mask_padding: false`` (the reference's way): the stacks run on every position of the padded batch, so
+    a short dialogue's answers change (its queries read its padding) while a dialogue with no padding answers
+    as with masking; one answer per real utterance either way."""
+    masked = _model(causal=False, wp=3, wf=2)
+    params = {**SMALL, "causal": False, "wp": 3, "wf": 2, "modalities": list(MODS), "use_gnn": True, "use_pcm": True,
+              "context": None, "speaker_mode": "tags", "mask_padding": False}
+    unmasked = build_model("corect", params, INFO).eval()
+    unmasked.load_state_dict(masked.state_dict())
+    rng = np.random.default_rng(3)
+    dialogues = [_dialogue(rng, 3, "short"), _dialogue(rng, 7, "long")]
+    a, b = masked(collate_dialogues(dialogues, MODS)), unmasked(collate_dialogues(dialogues, MODS))
+    assert a.shape == b.shape == (10, 4)
+    np.testing.assert_allclose(b[3:].numpy(), a[3:].numpy(), atol=ATOL)  # the long dialogue: no padding
+    assert float((b[:3] - a[:3]).abs().max()) > 1e-3  # the short one read its 4 padded positions
+
+
+@torch.no_grad()
+def test_the_speaker_embedding_is_added_to_each_encoded_utterance():
+    model = _model(causal=True, wp=3, modalities=("audio", "visual"), use_gnn=False, use_pcm=False)
+    rng = np.random.default_rng(4)
+    batch = collate_dialogues([_dialogue(rng, 5, "d")], ("audio", "visual"))
+    with_speakers, _ = model.encode(batch, None, batch.mask)
+    weight = model.speaker.weight.detach().clone()
+    try:
+        model.speaker.weight.zero_()
+        without, _ = model.encode(batch, None, batch.mask)
+    finally:
+        model.speaker.weight.copy_(weight)
+    added = weight[batch.speakers[batch.mask]]
+    assert float(added.abs().max()) > 0.1
+    for w, wo in zip(with_speakers, without):
+        np.testing.assert_allclose((w - wo).numpy(), added.numpy(), atol=1e-6)
