@@ -263,9 +263,25 @@ def test_a_padded_stack_masks_as_the_packed_one_does():
     rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
     x = torch.randn(2, 4, 8)
     with torch.no_grad():
-        padded = stack(x, rows, True, 2)
-        packed = stack(x[rows], None, True, 2, seqs=Ragged(rows, True, 2))
-    torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+        for causal, context in ((True, 2), (False, None)):  # not causal: only ``valid`` hides the padding
+            padded = stack(x, rows, causal, context)
+            packed = stack(x[rows], None, causal, context, seqs=Ragged(rows, causal, context))
+            torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+
+
+def test_a_scaled_stack_is_the_plain_stack_on_scaled_inputs():
+    """``scale`` (MulT): inputs and the cross-attention's keys/values multiplied by sqrt(dim) = 2 first."""
+    from affectkit.models.attention import TransformerStack
+
+    torch.manual_seed(5)
+    scaled = TransformerStack(4, 2, 8, 0.0, 1, scale=True).eval()
+    plain = TransformerStack(4, 2, 8, 0.0, 1).eval()
+    plain.load_state_dict(scaled.state_dict())
+    assert scaled.input_scale == 2.0 and plain.input_scale == 1.0
+    x, kv = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, None, False), plain(2 * x, None, False))
+        torch.testing.assert_close(scaled(x, None, False, kv=kv), plain(2 * x, None, False, kv=2 * kv))
 
 
 def test_attention_dropout_applies_while_training_only():
