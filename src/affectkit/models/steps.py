@@ -57,18 +57,20 @@ class Ring:
     each slot (-1: empty); ``rows[key]`` (B, capacity, D) one buffer per layer, allocated on first write.
     """
 
+    # What a step works with, set by begin() (nothing reads them before): where the step's rows go (index
+    # into (B, capacity)), the mask of what it reads, its utterances per session (> 1: a chunk), how many of
+    # a chunk's rows the ring keeps, and per key a chunk's stored rows then its own (B, capacity + count, D).
+    _where: tuple[torch.Tensor, torch.Tensor]
+    _mask: torch.Tensor | None
+    count: int
+    _keep: int
+    _ext: dict[str, torch.Tensor]
+
     def __init__(self, batch: int, window: int | None, capacity: int | None, device: torch.device) -> None:
         self.window, self.fixed = window, capacity is not None
         cap = capacity if capacity is not None else 16
         self.slot_pos = torch.full((batch, cap), _EMPTY, dtype=torch.long, device=device)
         self.rows: dict[str, torch.Tensor] = {}
-        self.slot: torch.Tensor | None = None  # set by begin(): this step's slot per session, ...
-        self.visible: torch.Tensor | None = None  # ... the slots it reads (B, capacity) ...
-        self._where: tuple[torch.Tensor, torch.Tensor] = (self.slot_pos, self.slot_pos)  # ... and their index
-        self._mask: torch.Tensor | None = None
-        self.count = 1  # utterances per session in this step (> 1: a chunk)
-        self._keep = 1  # how many of the chunk's rows the ring keeps
-        self._ext: dict[str, torch.Tensor] = {}  # chunk: per key, the stored rows then the chunk's (B, cap + C, D)
 
     @property
     def capacity(self) -> int:
@@ -90,11 +92,10 @@ class Ring:
             self._begin_chunk(pos, count)
             return
         batch = torch.arange(pos.shape[0], device=pos.device)
-        self.slot = pos % self.capacity
-        self._where = (batch, self.slot)
+        self._where = (batch, pos % self.capacity)
         self.slot_pos.index_put_(self._where, pos)
-        self.visible = in_window(pos[:, None], self.slot_pos, self.window) & (self.slot_pos >= 0)
-        self._mask = None if bool(self.visible.all()) else self.visible[:, None, None, :]
+        visible = in_window(pos[:, None], self.slot_pos, self.window) & (self.slot_pos >= 0)
+        self._mask = None if bool(visible.all()) else visible[:, None, None, :]
 
     def _begin_chunk(self, pos: torch.Tensor, count: int) -> None:
         """A chunk's queries read the stored rows of positions before ``pos`` (as they are now) followed by
@@ -109,7 +110,6 @@ class Ring:
         self._keep = keep = min(count, cap)
         last = new[:, count - keep:]
         self._where = (torch.arange(batch, device=pos.device)[:, None].expand(batch, keep), last % cap)
-        self.slot, self.visible = None, None
         self.slot_pos.index_put_(self._where, last)
 
     def end(self) -> None:
@@ -218,10 +218,11 @@ class StepState:
     failure half-way leaves the sessions' lengths (and every row any later step reads) as they were.
     """
 
+    count: int  # utterances per session in the current step (> 1: a chunk), set by begin()
+
     def __init__(self, lengths: torch.Tensor, rings: dict[str, Ring]) -> None:
         self.lengths = lengths
         self.rings = rings
-        self.count = 1  # utterances per session in the current step (> 1: a chunk)
 
     @property
     def batch(self) -> int:
