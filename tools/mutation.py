@@ -18,6 +18,7 @@ runs only the tests that cover the mutated function, and it resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -107,9 +108,18 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 
 
 def prepare(t: Target) -> Path:
-    """The scratch copy for ``t``: fresh source/tests/configs (mutmut keeps its results beside them)."""
+    """The scratch copy for ``t``: fresh source/tests/configs (mutmut keeps its results beside them).  When
+    the tests changed since the last run, mutmut's record of which tests cover which function is dropped
+    (it keeps it otherwise, so a test written since would never be run against a mutant)."""
     work = SCRATCH / t.name
     work.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    seen = work / "tests.sha256"
+    if not seen.is_file() or seen.read_text() != digest.hexdigest():
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        seen.write_text(digest.hexdigest())
     for folder in ("src", "tests", "configs"):
         dest = work / folder
         if dest.exists():
