@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "ours+mhaclone": ["model.text_init=mha_clone"],
     "ours+asref": ["model.text_init=mha_clone", "model.mask_padding=false", "model.wp=4", "model.wf=11"],
     "ours+mhaclone+nomask": ["model.text_init=mha_clone", "model.mask_padding=false"],
+    "ours+mhaclone+refgraph": ["model.text_init=mha_clone", "model.wp=4", "model.wf=11"],
 }
 README_BEGIN = "<!-- corect-learning:begin (bench/corect_learning.py --table --readme) -->"
 README_END = "<!-- corect-learning:end -->"
