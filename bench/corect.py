@@ -144,13 +144,19 @@ def ours_child(data: Path, out: Path, epochs: int, threads: int, sets: list[str]
             marks.append({"phase": "train", "wall0": time.monotonic(), "cpu0": time.process_time()})
         return original_iter(self)
 
+    test_curve: list[float] = []
+
     def evaluate(model: Any, task: Any, data: Any, split: str, *args: Any) -> Any:
         w0, c0 = time.monotonic(), time.process_time()
-        if marks and marks[-1]["phase"] == "train" and "wall1" not in marks[-1]:
+        in_epoch = bool(marks) and marks[-1]["phase"] == "train" and "wall1" not in marks[-1]
+        if in_epoch:
             marks[-1].update(wall1=w0, cpu1=c0)
         value = original_eval(model, task, data, split, *args)
         marks.append({"phase": split, "wall0": w0, "wall1": time.monotonic(), "cpu0": c0,
                       "cpu1": time.process_time()})
+        if in_epoch and os.environ.get("CORECT_TEST_CURVE"):  # test F1 of every epoch, as the reference logs
+            # it (eval mode, unshuffled loader: no random draw, so training is the same with or without it)
+            test_curve.append(original_eval(model, task, data, task.splits[2], *args).metrics["F1_weighted"])
         return value
 
     ConversationLoader.__iter__ = loader_iter  # type: ignore[method-assign]
@@ -162,7 +168,7 @@ def ours_child(data: Path, out: Path, epochs: int, threads: int, sets: list[str]
     dev_f1 = [row["valid_F1_weighted"] for row in res.history]
     out.write_text(json.dumps({
         "best_epoch": res.best_epoch, "dev_f1": dev_f1, "test_f1_selected": res.test["F1_weighted"],
-        "train_loss": [row["train_loss"] for row in res.history], "marks": marks,
+        "train_loss": [row["train_loss"] for row in res.history], "test_f1_curve": test_curve, "marks": marks,
         "end_wall": time.monotonic(), "end_cpu": time.process_time(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "params": res.n_params,
         "torch": torch.__version__, "threads": threads}))

@@ -5,7 +5,10 @@ The file is ``bench/corect.py --reference``'s (108 + 12 / 31 IEMOCAP-sized dialo
 its own niced child process with one torch thread: the reference's ``train.py`` (``run_train.sh``
 hyper-parameters, ``--seed S``) or our trainer on ``configs/corect_iemocap6.yaml`` with the reference-matching
 overrides of ``bench/corect.py`` plus the variant's (``train.seed=S``).  A finished run leaves
-``WORK/runs/VARIANT/seedS.json`` and is never rerun (rerun the command after an interruption).  ``--table``
+``WORK/runs/VARIANT/seedS.json`` (with the per-epoch dev F1 and, from issue 22 item 1 on, the per-epoch test F1
+and train loss: our child then also evaluates test after each epoch, as the reference does, which draws no
+random number, so training is unchanged, but adds its CPU) and is never rerun (rerun the command after an
+interruption).  ``--table``
 writes the table (mean +- std of the test weighted F1 at the dev-selected epoch, per-seed values, chosen
 epochs, CPU seconds per run) to ``WORK/table.md`` and, with ``--readme``, between the markers in
 ``bench/README.md``.
@@ -45,6 +48,14 @@ VARIANTS: dict[str, list[str]] = {
     "ours+nomask": ["model.mask_padding=false"],
     "ours+refgraph": ["model.wp=4", "model.wf=11"],
     "ours+torchinit": ["model.pcm_init=torch"],
+    "ours+curve": [],  # ours again, for its per-epoch test F1 (the runs of "ours" predate the curve)
+    # issue 22 item 1: the text encoder initialised as the reference's nn.TransformerEncoder (Xavier q/k/v,
+    # zero attention biases; mhaclone: both layers the same draw), and every remaining difference at once
+    "ours+mhainit": ["model.text_init=mha"],
+    "ours+mhaclone": ["model.text_init=mha_clone"],
+    "ours+asref": ["model.text_init=mha_clone", "model.mask_padding=false", "model.wp=4", "model.wf=11"],
+    "ours+mhaclone+nomask": ["model.text_init=mha_clone", "model.mask_padding=false"],
+    "ours+mhaclone+refgraph": ["model.text_init=mha_clone", "model.wp=4", "model.wf=11"],
 }
 README_BEGIN = "<!-- corect-learning:begin (bench/corect_learning.py --table --readme) -->"
 README_END = "<!-- corect-learning:end -->"
@@ -87,7 +98,8 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, ours: Path, ref: 
 
         cmd = [sys.executable, str(BENCH / "corect.py"), "--child-ours", str(ours), str(raw), str(args.epochs), "1",
                *MATCH_REFERENCE, *VARIANTS[variant], f"train.seed={seed}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "CORECT_TEST_CURVE": "1"}
     t0 = time.monotonic()
     if raw.exists():  # the child finished but this driver did not (interrupted): its own figures
         r = json.loads(raw.read_text())
@@ -104,10 +116,13 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, ours: Path, ref: 
     if variant == "reference":
         best = r["best_epoch"]
         test_f1 = r["test_f1"][best - 1]
+        curve = r["test_f1"]
     else:
         best, test_f1 = r["best_epoch"], r["test_f1_selected"]
+        curve = r.get("test_f1_curve")
     result = {"variant": variant, "seed": seed, "epochs": args.epochs, "best_epoch": best, "test_f1": test_f1,
-              "dev_f1": r["dev_f1"], "cpu_s": cpu, "wall_s": wall, "peak_rss_mib": rss,
+              "dev_f1": r["dev_f1"], "test_f1_curve": curve, "train_loss": r.get("train_loss"), "cpu_s": cpu,
+              "wall_s": wall, "peak_rss_mib": rss,
               "sets": VARIANTS.get(variant, []),
               "load_end": os.getloadavg()[0], "commit": os.environ.get("CORECT_LEARNING_COMMIT") or _commit()}
     out.write_text(json.dumps(result, indent=1))

@@ -175,3 +175,33 @@ def test_a_dialogues_predictions_do_not_depend_on_its_batch_mates(data):
     together = torch.split(model(collate_dialogues(dialogues, data.kept)), [len(d) for d in dialogues])
     for d, got in zip(dialogues, together):
         torch.testing.assert_close(got, model(collate_dialogues([d], data.kept)), atol=1e-5, rtol=0)
+
+
+def _amax(t: torch.Tensor) -> float:
+    return float(t.detach().abs().max())
+
+
+def test_text_init_follows_nn_transformer_encoder(data):
+    """``text_init``: mha draws the text stack's attention as ``nn.MultiheadAttention`` does (q/k/v
+    Xavier-uniform as one (3d, d) matrix, zero biases), mha_clone also copies the first layer into every
+    other (``nn.TransformerEncoder``); linear (the default) keeps nn.Linear's draws."""
+    d = data.dims["text"]
+    bound = (6 / (4 * d)) ** 0.5  # Xavier-uniform of the packed (3d, d) projection; nn.Linear's is 1/sqrt(d)
+    torch.manual_seed(0)
+    plain = _model(data, text_layers=2).text_context.layers
+    for layer in plain:
+        assert _amax(layer.attn.q.bias) > 0 and _amax(layer.attn.q.weight) <= d ** -0.5
+    torch.manual_seed(0)
+    mha = _model(data, text_layers=2, text_init="mha").text_context.layers
+    for layer in mha:
+        for lin in (layer.attn.q, layer.attn.k, layer.attn.v):
+            assert 0.95 * bound < _amax(lin.weight) <= bound
+            assert not lin.bias.any()
+        assert not layer.attn.out.bias.any() and layer.ff[0].bias.any()
+    assert not torch.equal(mha[0].attn.q.weight, mha[1].attn.q.weight)
+    clone = _model(data, text_layers=2, text_init="mha_clone").text_context.layers
+    first, second = clone[0].state_dict(), clone[1].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert 0.95 * bound < _amax(clone[0].attn.k.weight) <= bound
+    with pytest.raises(ConfigError, match="model.text_init must be one of linear, mha, mha_clone"):
+        _model(data, text_init="xavier")

@@ -152,6 +152,16 @@ def xavier_init(layer: TransformerLayer) -> None:
         nn.init.zeros_(lin.bias)
 
 
+def mha_init(layer: TransformerLayer) -> None:
+    """``nn.MultiheadAttention``'s initialisation of a layer's attention (as in ``nn.TransformerEncoderLayer``):
+    query, key and value Xavier-uniform as one (3 dim, dim) matrix, zero biases for them and the output
+    projection (whose weight, like the feed-forward's, keeps ``nn.Linear``'s draw)."""
+    for lin in (layer.attn.q, layer.attn.k, layer.attn.v):
+        nn.init.xavier_uniform_(lin.weight, gain=math.sqrt(0.5))
+        nn.init.zeros_(lin.bias)
+    nn.init.zeros_(layer.attn.out.bias)
+
+
 class TransformerStack(nn.Module):
     """Layers of self-attention (or of cross-attention to ``kv``) over a padded sequence, with optional
     causal (and banded) masking.  ``norm_first``: pre-norm layers and a final LayerNorm; ``scale``: inputs

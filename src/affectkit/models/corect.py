@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from affectkit.errors import ConfigError
 from affectkit.graph import build_graph, n_relations
-from affectkit.models.attention import Ragged, TransformerLayer, TransformerStack, xavier_init
+from affectkit.models.attention import Ragged, TransformerLayer, TransformerStack, mha_init, xavier_init
 from affectkit.models.graph_layers import GraphAttention, RelationalConv
 from affectkit.models.registry import check_modalities, register_model
 from affectkit.models.steps import Ring, StepState
@@ -59,6 +59,9 @@ class CorectConfig:
     pcm_scale: bool = True  # P-CM stacks multiply their inputs by sqrt(width) first (MulT, the reference)
     pcm_init: str = "xavier"  # xavier: MulT's Xavier-uniform weights, zero biases; torch: nn.Linear's default
     mask_padding: bool = True  # attention never reads padded utterances (the reference attends to them)
+    text_init: str = "linear"  # text stack: nn.Linear's default draws; mha: nn.TransformerEncoderLayer's
+    #                            (Xavier q/k/v as one matrix, zero attention biases); mha_clone: mha, every
+    #                            layer a copy of the first (nn.TransformerEncoder's, the reference's encoder)
     causal: bool = False
     context: int | None = None  # causal attention window (self + N - 1 earlier); None: the whole past
     speaker_mode: str = "tags"  # tags: one embedding per speaker tag of the file; per_dialogue: by order of
@@ -66,7 +69,7 @@ class CorectConfig:
 
     #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
-                                                 "mask_padding": True}
+                                                 "mask_padding": True, "text_init": "linear"}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -85,12 +88,15 @@ class CorectConfig:
             raise ConfigError(f"model.pcm_norm must be pre or post, got {self.pcm_norm!r}")
         if self.pcm_init not in ("xavier", "torch"):
             raise ConfigError(f"model.pcm_init must be xavier or torch, got {self.pcm_init!r}")
+        if self.text_init not in TEXT_INITS:
+            raise ConfigError(f"model.text_init must be one of {', '.join(TEXT_INITS)}, got {self.text_init!r}")
         if self.speaker_mode not in SPEAKER_MODES:
             raise ConfigError(f"model.speaker_mode must be one of {', '.join(SPEAKER_MODES)}, "
                               f"got {self.speaker_mode!r}")
 
 
 SPEAKER_MODES: tuple[str, ...] = ("tags", "per_dialogue")
+TEXT_INITS: tuple[str, ...] = ("linear", "mha", "mha_clone")
 
 
 def first_appearance_slots(speakers: torch.Tensor, valid: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -231,6 +237,12 @@ class Corect(nn.Module):
             d = int(dims[m])
             if m == "text":
                 self.text_context = TransformerStack(d, cfg.text_heads, cfg.text_ff, cfg.dropout, cfg.text_layers)
+                if cfg.text_init != "linear":
+                    for i, layer in enumerate(self.text_context.layers):
+                        if i and cfg.text_init == "mha_clone":
+                            layer.load_state_dict(self.text_context.layers[0].state_dict())
+                        else:
+                            mha_init(layer)
                 self.encoders[m] = nn.Linear(d, h)
             else:
                 self.encoders[m] = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
