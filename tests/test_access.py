@@ -106,6 +106,11 @@ def test_token_bucket_wait_takes_nothing():
     assert b.wait("a", now=0.25) == 0.0 and b.wait("a", now=0.2) == pytest.approx(0.05)
     now[0] = 0.25
     assert b.take("a") == 0.0  # the token wait announced is there
+    now[0] = 0.625
+    assert b.wait("a") == 0.0  # 1.5 tokens back since: one may go now
+    slow = TokenBucket(0.5, 1.0, clock=lambda: 0.0)  # under one per second
+    slow.take("s")
+    assert slow.wait("s") == pytest.approx(2.0)
     never = TokenBucket(0.0, 1.0, clock=lambda: 0.0)  # rate 0: once empty, never again
     never.take("x")
     assert math.isinf(never.wait("x"))
@@ -141,3 +146,12 @@ def test_token_bucket_arithmetic_and_retry_after():
     assert frozen.take("k", now=0.0) == 0.0 and frozen.take("k", now=0.25) == pytest.approx(0.75)
     assert frozen.take("k", now=10.0) == 0.0  # refilled by then, though the clock still says 0
     assert frozen.prune(now=0.0) == 0 and frozen.prune(now=20.0) == 1
+
+
+def test_client_address_of_a_request_or_websocket():
+    from types import SimpleNamespace
+
+    from affectkit.serve.access import client_address
+
+    assert client_address(SimpleNamespace(client=SimpleNamespace(host="10.1.2.3"))) == "10.1.2.3"
+    assert client_address(SimpleNamespace(client=None)) == "unknown"  # e.g. a test transport
