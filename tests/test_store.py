@@ -316,3 +316,18 @@ def test_size_leaves_out_free_pages(tmp_path):
     free = int(store._db.execute("PRAGMA freelist_count").fetchone()[0])
     assert free > 0 and store.size_bytes() < full
     store.close()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://bob:secret@db.example.com:6543/logs", "postgresql://bob@db.example.com:6543/logs"),
+    ("postgresql://db/x", "postgresql://db:5432/x"),  # no user, the default port
+    ("postgresql://alice@h/", "postgresql://alice@h:5432/"),  # no database
+    ("postgresql:///x", "postgresql://localhost:5432/x"),  # no host: the local server
+    ("postgresql://a:b@[bad", "postgresql://..."),  # malformed: the scheme only, never the password
+    ("nonsense://x y", "nonsense://..."),
+])
+def test_a_url_is_shown_without_its_password(url, shown):
+    pytest.importorskip("psycopg")
+    from affectkit.serve.store.postgres import display_url
+
+    assert display_url(url) == shown
