@@ -132,3 +132,20 @@ def test_a_default_that_changed_since_the_run_reruns_it(tmp_path, caplog):
     assert is_done(recorded, cfg, SHA) is True
     other = full_model_config(_corect("model.pcm_scale=false"))
     assert is_done(_corect_folder(tmp_path / "other", cfg, other), cfg, SHA) is False
+
+
+def test_an_old_run_is_done_when_its_defaults_of_then_are_the_model_now(tmp_path):
+    """No model config in provenance (an older run): its fields take the defaults of their time, and a run whose
+    config spells out exactly those is done; the model is built from the stored config, not from defaults."""
+    cfg = _corect("model.pcm_norm=post", "model.pcm_scale=false", "model.pcm_init=torch")
+    assert is_done(_corect_folder(tmp_path / "old", cfg, None), cfg, SHA) is True
+
+
+def test_a_model_field_the_run_did_not_record_reruns_it(tmp_path, caplog):
+    from affectkit.studies.run import full_model_config
+
+    cfg = _corect()
+    recorded = {k: v for k, v in full_model_config(cfg).items() if k != "text_init"}  # a field added since
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(_corect_folder(tmp_path / "run", cfg, recorded), cfg, SHA) is False
+    assert "model.text_init" in caplog.text
