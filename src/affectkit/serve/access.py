@@ -165,9 +165,7 @@ class TokenBucket:
             while len(self.buckets) > self.max_keys:
                 self.buckets.popitem(last=False)
                 self.evictions += 1
-        if ok:
-            return 0.0
-        return (1 - tokens) / self.rate if self.rate > 0 else math.inf
+        return 0.0 if ok else self._until_one(tokens)
 
     def wait(self, key: str, now: float | None = None) -> float:
         """Seconds until ``key`` may take a token (0: now); takes nothing."""
@@ -175,8 +173,10 @@ class TokenBucket:
         with self._lock:
             old = self.buckets.get(key)
         tokens = self.burst if old is None else self._level(*old, now)
-        if tokens >= 1:
-            return 0.0
+        return 0.0 if tokens >= 1 else self._until_one(tokens)
+
+    def _until_one(self, tokens: float) -> float:
+        """Seconds until a bucket holding ``tokens`` (< 1) holds one (Retry-After)."""
         return (1 - tokens) / self.rate if self.rate > 0 else math.inf
 
     def allow(self, key: str) -> bool:
