@@ -227,6 +227,7 @@ class SentenceEncoder:
         self.model_name = MODEL_NAME
         self.dim = DIM
         self.recipe = InputRecipe()
+        self.max_length = SHIPPED_MAX_LENGTH  # tokens an input keeps (an encoder folder: its own)
         self.ref: dict[str, Any] | None = None
         cache_name = MODEL_NAME
         if encoder is not None:
@@ -239,6 +240,7 @@ class SentenceEncoder:
             self.model_name = self.ref["name"]
             self.dim = int(info["dim"])
             self.recipe = InputRecipe.from_dict(info["recipe"])
+            self.max_length = int(info["max_length"])
             cache_name = f"encoder-{self.ref['sha256'][:16]}"
         if self.runtime == "onnx-int8":  # other vectors: never mixed into the float encoder's cache file
             cache_name += "-int8"
@@ -263,15 +265,6 @@ class SentenceEncoder:
         if self.ref is not None:
             return _load_local(self.ref["folder"], self.ref["sha256"], self.device)
         return _load_model(self.device)
-
-    @property
-    def max_length(self) -> int:
-        """Tokens an input keeps: a fine-tuned folder's ``max_length``, the shipped model's 256."""
-        if self.ref is not None:
-            from affectkit.features.encoder_ref import read_encoder_info
-
-            return int(read_encoder_info(self.ref["folder"])["max_length"])
-        return SHIPPED_MAX_LENGTH
 
     def turn_input(self, past: Sequence[tuple[str, str]], speaker: str, sentence: str) -> str:
         """The input string of one new turn given earlier ``(speaker, sentence)`` turns (only the last
