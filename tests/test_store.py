@@ -158,8 +158,9 @@ def test_postgres_commits_synchronously_whatever_the_server_default(postgres_url
 
     with psycopg.connect(postgres_url, autocommit=True) as db:
         db.execute(f"ALTER DATABASE {postgres_url.rsplit('/', 1)[1]} SET synchronous_commit = off")
+        fsync = db.execute("SHOW fsync").fetchone()[0]
     store = open_store(postgres_url)
-    assert store.durability()["synchronous_commit"] == "on"
+    assert store.durability() == {"synchronous_commit": "on", "fsync": fsync}  # the server's own setting
     store.close()
 
 
@@ -188,18 +189,106 @@ def test_the_kind_of_store_is_read_from_the_target(tmp_path):
     assert isinstance(open_store(tmp_path / "x.db"), Store)
     with pytest.raises(ConfigError, match="unknown kind of store"):
         open_store("mysql://u@h/db")
-    with pytest.raises(ConfigError, match="not a PostgreSQL URL"):
+    with pytest.raises(ConfigError, match=r"not a PostgreSQL URL \(end of string reached when looking for "):
         open_store("postgresql://u@[::1/db")
 
 
 def test_an_unreachable_postgres_is_one_line_that_hides_the_password():
+    """The line names the store (without its password) and the server's first line of reason."""
     from affectkit.serve.throwaway import free_port
 
     pytest.importorskip("psycopg")
+    port = free_port()
     with pytest.raises(ConfigError) as err:
-        open_store(f"postgresql://u:secret@127.0.0.1:{free_port()}/db")
+        open_store(f"postgresql://u:secret@127.0.0.1:{port}/db")
     text = str(err.value)
-    assert "cannot use this PostgreSQL database" in text and "secret" not in text and "\n" not in text
+    assert text.startswith(f"--store postgresql://u@127.0.0.1:{port}/db: cannot use this PostgreSQL database (")
+    assert "refused" in text.lower() and "secret" not in text and "\n" not in text and "None" not in text
+
+
+def test_a_reason_without_words_is_named_by_its_kind(postgres_url, monkeypatch):
+    """A database error with an empty message still says what it was (its class), never an empty ``()``."""
+    psycopg = pytest.importorskip("psycopg")
+    from affectkit.serve.store import postgres
+
+    def fail(db):
+        raise psycopg.errors.InsufficientPrivilege("")
+
+    monkeypatch.setattr(postgres, "_create_schema", fail)
+    with pytest.raises(ConfigError, match=r"cannot use this PostgreSQL database \(InsufficientPrivilege\)$"):
+        open_store(postgres_url)
+
+
+def test_a_server_that_never_answers_is_given_up_on(monkeypatch):
+    """A port that accepts connections but never speaks (a hung server, a black-holed proxy) is a ConfigError
+    after the connect timeout, not a service that never starts."""
+    import socket
+    import threading
+
+    pytest.importorskip("psycopg")
+    from affectkit.serve.store.postgres import PostgresStore
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        outcome: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                PostgresStore(f"postgresql://u@127.0.0.1:{silent.getsockname()[1]}/db", connect_timeout=1)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                outcome.append(exc)
+
+        worker = threading.Thread(target=connect, daemon=True)
+        worker.start()
+        worker.join(30)  # psycopg's floor is 2 s; without a timeout it would wait 130 s
+        finished = not worker.is_alive()
+    worker.join(30)  # the listener is closed: a connect still waiting fails now
+    assert finished, "the store waited for a server that never answers"
+    assert len(outcome) == 1 and isinstance(outcome[0], ConfigError)
+    assert "cannot use this PostgreSQL database" in str(outcome[0])
+
+
+def test_without_psycopg_the_line_says_what_to_install(monkeypatch):
+    import sys
+
+    from affectkit.serve.store.postgres import PostgresStore
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(ConfigError, match=r"^--store postgresql://\.\.\. needs psycopg: pip install "
+                                          r"'psycopg\[binary\]>=3\.1'$"):
+        PostgresStore("postgresql://u@h/db")
+
+
+def test_a_closed_connection_is_opened_again(postgres_url):
+    """A connection closed under the store (a server restart, an admin's kill) is replaced on next use."""
+    store = open_store(postgres_url)
+    try:
+        store.create_session("s1", "t")
+        store._read.db.close()
+        store._write.db.close()
+        assert store.count_sessions() == 1
+        assert store.create_session("s2", "t") is not None and store.count_sessions() == 2
+    finally:
+        store.close()
+
+
+def test_postgres_integrity_counts_utterances_without_a_session(postgres_url):
+    """The check reports rows the foreign key should have prevented (here, with the key dropped by hand)."""
+    import psycopg
+
+    store = open_store(postgres_url)
+    try:
+        store.create_session("s1", "t")
+        store.append([_rec("s1", 0), _rec("s1", 1)])
+        assert store.integrity() == "ok"
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            db.execute("ALTER TABLE utterances DROP CONSTRAINT utterances_session_fkey")
+            db.execute("DELETE FROM sessions WHERE id = 's1'")
+        assert store.integrity() == "2 utterance(s) without a session"
+    finally:
+        store.close()
 
 
 def test_prosody_is_kept_as_float32_whatever_it_came_as(store):
@@ -324,6 +413,7 @@ def test_size_leaves_out_free_pages(tmp_path):
     ("postgresql://alice@h/", "postgresql://alice@h:5432/"),  # no database
     ("postgresql:///x", "postgresql://localhost:5432/x"),  # no host: the local server
     ("postgresql://a:b@[bad", "postgresql://..."),  # malformed: the scheme only, never the password
+    ("postgresql://a:secret@h/d?bad=x://y", "postgresql://..."),  # malformed after a second "://"
     ("nonsense://x y", "nonsense://..."),
 ])
 def test_a_url_is_shown_without_its_password(url, shown):

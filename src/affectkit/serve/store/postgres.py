@@ -82,7 +82,7 @@ UTTERANCE_COLUMNS = "session, position, speaker, text, features, blob, label, pr
 
 
 def display_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for logs and error messages."""
+    """``url`` without its password (or only its scheme when it cannot be parsed), for logs and error messages."""
     from psycopg.conninfo import conninfo_to_dict
 
     try:
@@ -91,8 +91,8 @@ def display_url(url: str) -> str:
         return url.split("://", 1)[0] + "://..."
     user = d.get("user")
     host = d.get("host") or "localhost"
-    return f"postgresql://{user + ('@' if user else '') if user else ''}{host}:{d.get('port') or 5432}/" \
-           f"{d.get('dbname') or ''}"
+    at = f"{user}@" if user else ""
+    return f"postgresql://{at}{host}:{d.get('port') or 5432}/{d.get('dbname') or ''}"
 
 
 class _Conn:
