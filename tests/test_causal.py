@@ -33,11 +33,16 @@ ATOL = 1e-5
 @cache
 def _model(causal: bool = True, wp: int = 3, wf: int = 0, modalities: tuple[str, ...] = MODS,
            use_gnn: bool = True, use_pcm: bool = True, context: int | None = None,
-           speaker_mode: str = "tags") -> torch.nn.Module:
+           speaker_mode: str = "tags", attention_sink: bool = False) -> torch.nn.Module:
     torch.manual_seed(wp * 7 + wf)
     params = {**SMALL, "causal": causal, "wp": wp, "wf": wf, "modalities": list(modalities),
-              "use_gnn": use_gnn, "use_pcm": use_pcm, "context": context, "speaker_mode": speaker_mode}
-    return build_model("corect", params, INFO).eval()
+              "use_gnn": use_gnn, "use_pcm": use_pcm, "context": context, "speaker_mode": speaker_mode,
+              "attention_sink": attention_sink}
+    model = build_model("corect", params, INFO).eval()
+    for name, p in model.named_parameters():  # a trained sink, not the zeros it starts from
+        if name.endswith(".sink"):
+            p.data.normal_(0.0, 2.0)
+    return model
 
 
 def _dialogue(rng: np.random.Generator, n: int, vid: str) -> Dialogue:
@@ -157,13 +162,14 @@ def test_causal_presets_are_the_offline_recipe_made_causal(preset):
     model_config(causal.model_name, causal.model_params)  # validates
 
 
-@pytest.mark.parametrize("speaker_mode", ["tags", "per_dialogue"])
+@pytest.mark.parametrize("speaker_mode, sink", [("tags", False), ("per_dialogue", False), ("per_dialogue", True)])
 @torch.no_grad()
-def test_stepping_equals_the_batch_model_within_its_window(speaker_mode):
+def test_stepping_equals_the_batch_model_within_its_window(speaker_mode, sink):
     """The batch model (packed sequences, windowed attention, speakers renumbered per dialogue) and the same
     model stepped one utterance at a time agree on every utterance; the dialogues are longer than the window
-    (context 2, wp 2) and their first speaker is not tag 0, so a wrong window or numbering shows."""
-    model = _model(causal=True, wp=2, context=2, speaker_mode=speaker_mode)
+    (context 2, wp 2) and their first speaker is not tag 0, so a wrong window or numbering shows.  With
+    ``attention_sink`` every attention layer's learned key/value is read on both paths alike."""
+    model = _model(causal=True, wp=2, context=2, speaker_mode=speaker_mode, attention_sink=sink)
     rng = np.random.default_rng(5)
     dialogues = []
     for i, tags in enumerate(([2, 0, 2, 1, 0, 0, 2, 1, 2], [1, 1, 2, 1, 2, 1])):

@@ -4,6 +4,7 @@ needs (a fixed window keeps its own capacity)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -191,13 +192,17 @@ def test_cross_modal_attention_reads_the_other_modality():
     assert not torch.allclose(a[..., width:], b[..., width:], atol=1e-4)  # audio <- text, fused with audio
 
 
-def test_padding_never_reaches_a_dialogue_in_the_offline_model():
+@pytest.mark.parametrize("sink", [False, True])
+def test_padding_never_reaches_a_dialogue_in_the_offline_model(sink):
     """Whole-dialogue (non-causal) P-CM: a short dialogue batched beside a long one (so padded in every
-    attention) gives what it gives alone."""
+    attention) gives what it gives alone, with or without the attention sink."""
     from affectkit.models.attention import Ragged
 
-    m = _corect(causal=False, context=None, wf=2).eval()
+    m = _corect(causal=False, context=None, wf=2, attention_sink=sink).eval()
     torch.manual_seed(1)
+    for name, p in m.named_parameters():
+        if name.endswith(".sink"):
+            p.data.normal_()
     long_, short = [torch.randn(6, 8) for _ in range(2)], [torch.randn(3, 8) for _ in range(2)]
     rows = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     with torch.no_grad():
@@ -259,14 +264,42 @@ def test_a_padded_stack_masks_as_the_packed_one_does():
     from affectkit.models.attention import Ragged, TransformerStack
 
     torch.manual_seed(4)
-    stack = TransformerStack(8, 2, 16, 0.0, 2).eval()
     rows = torch.tensor([[True, True, True, False], [True, True, True, True]])
     x = torch.randn(2, 4, 8)
+    for sink in (False, True):
+        stack = TransformerStack(8, 2, 16, 0.0, 2, sink=sink).eval()
+        with torch.no_grad():
+            for layer in stack.layers if sink else ():
+                layer.attn.sink.normal_()
+            for causal, context in ((True, 2), (False, None)):  # not causal: only ``valid`` hides the padding
+                padded = stack(x, rows, causal, context)
+                packed = stack(x[rows], None, causal, context, seqs=Ragged(rows, causal, context))
+                torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sink_is_one_more_key_and_value_by_hand():
+    """One head, one query, one key: the output is the softmax-weighted mix of the key's value and the sink's
+    value, then the output projection; packed rows give the same; a sink of zeros still takes weight."""
+    import math
+
+    from affectkit.models.attention import MultiHeadAttention, Ragged
+
+    torch.manual_seed(6)
+    mha = MultiHeadAttention(4, 1, sink=True).eval()
     with torch.no_grad():
-        for causal, context in ((True, 2), (False, None)):  # not causal: only ``valid`` hides the padding
-            padded = stack(x, rows, causal, context)
-            packed = stack(x[rows], None, causal, context, seqs=Ragged(rows, causal, context))
-            torch.testing.assert_close(padded[rows], packed, atol=1e-5, rtol=1e-5)
+        mha.sink.normal_()
+        x = torch.randn(1, 1, 4)
+        q, k, v = mha.q(x)[0, 0], mha.k(x)[0, 0], mha.v(x)[0, 0]
+        sk, sv = mha.sink
+        w = torch.softmax(torch.stack([q @ k, q @ sk]) / math.sqrt(4), dim=0)
+        expected = mha.out(w[0] * v + w[1] * sv)
+        torch.testing.assert_close(mha(x, x, None)[0, 0], expected)
+        torch.testing.assert_close(mha(x[0], x[0], None, seqs=Ragged(torch.ones(1, 1, dtype=torch.bool)))[0],
+                                   expected)
+        mha.sink.zero_()  # logit 0 and a zero value: the key's value at weight 1 / (1 + exp(-q.k / 2))
+        w0 = torch.sigmoid(q @ k / 2)
+        torch.testing.assert_close(mha(x, x, None)[0, 0], mha.out(w0 * v))
+    assert MultiHeadAttention(4, 1).sink is None  # off by default: no parameter
 
 
 def test_a_scaled_stack_is_the_plain_stack_on_scaled_inputs():

@@ -57,11 +57,27 @@ class Ragged:
         full = x.new_zeros((b * t, x.shape[1])).index_copy(0, self.index, x)
         return full.view(b, t, heads, -1).transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
-        """Scaled dot-product attention of packed (U, D) queries to the keys/values of their own sequence."""
-        y = F.scaled_dot_product_attention(self.pad(q, heads), self.pad(k, heads), self.pad(v, heads),
-                                           attn_mask=self.mask, dropout_p=dropout)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float,
+               sink: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled dot-product attention of packed (U, D) queries to the keys/values of their own sequence
+        (and to ``sink``, see :func:`with_sink`)."""
+        k4, v4, mask = with_sink(self.pad(k, heads), self.pad(v, heads), self.mask, sink)
+        y = F.scaled_dot_product_attention(self.pad(q, heads), k4, v4, attn_mask=mask, dropout_p=dropout)
         return y.transpose(1, 2).reshape(-1, q.shape[1])[self.index]
+
+
+def with_sink(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              sink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values (B, heads, S, d) with one more position, the learned ``sink`` (2, heads * d: its key
+    and its value), that every query may attend to: a place for attention weight that reads no utterance,
+    the same for every dialogue and every batch (None: unchanged)."""
+    if sink is None:
+        return k, v, mask
+    b, h, _, d = k.shape
+    sk, sv = (s.view(1, h, 1, d).expand(b, h, 1, d) for s in sink)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones((*mask.shape[:-1], 1))], dim=-1)
+    return torch.cat([k, sk], dim=2), torch.cat([v, sv], dim=2), mask
 
 
 class KVCache:
@@ -86,7 +102,7 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over ``heads`` heads."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, sink: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ConfigError(f"attention width {dim} is not divisible by {heads} heads")
@@ -95,6 +111,8 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
+        # a learned key and value every query may attend to (with_sink); zeros: logit 0, nothing read
+        self.sink = nn.Parameter(torch.zeros(2, dim)) if sink else None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -108,12 +126,13 @@ class MultiHeadAttention(nn.Module):
         k, v = self.k(kv), self.v(kv)
         p = self.dropout if self.training else 0.0
         if seqs is not None:
-            return self.out(seqs.attend(self.q(x), k, v, self.heads, p))
+            return self.out(seqs.attend(self.q(x), k, v, self.heads, p, self.sink))
         if cache is not None:
             k, v = cache.update(k, v)
             mask = cache.mask()
         q = self._split(self.q(x))
-        y = F.scaled_dot_product_attention(q, self._split(k), self._split(v), attn_mask=mask, dropout_p=p)
+        k4, v4, mask = with_sink(self._split(k), self._split(v), mask, self.sink)
+        y = F.scaled_dot_product_attention(q, k4, v4, attn_mask=mask, dropout_p=p)
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))
 
 
@@ -123,10 +142,11 @@ class TransformerLayer(nn.Module):
     LayerNorm.  Pre-norm (as MulT's layer): LayerNorm the branch input (queries and, with the same norm,
     keys/values), add the branch to the untouched residual stream."""
 
-    def __init__(self, dim: int, heads: int, ff: int, dropout: float, norm_first: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, norm_first: bool = False,
+                 sink: bool = False) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.attn = MultiHeadAttention(dim, heads, dropout)
+        self.attn = MultiHeadAttention(dim, heads, dropout, sink)
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, dim))
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -167,12 +187,14 @@ class TransformerStack(nn.Module):
     causal (and banded) masking.  ``norm_first``: pre-norm layers and a final LayerNorm; ``scale``: inputs
     multiplied by sqrt(dim) first (MulT's encoder).  With ``state`` it steps the newest utterance of live
     sessions, layer ``i`` caching under ``name.i``.  With ``seqs`` the sequences are packed (:class:`Ragged`,
-    which then holds the masking rule: ``valid``, ``causal`` and ``context`` are unused)."""
+    which then holds the masking rule: ``valid``, ``causal`` and ``context`` are unused).  ``sink``: every
+    attention layer has a learned key/value besides the sequence's (:func:`with_sink`)."""
 
     def __init__(self, dim: int, heads: int, ff: int, dropout: float, layers: int, norm_first: bool = False,
-                 scale: bool = False) -> None:
+                 scale: bool = False, sink: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout, norm_first) for _ in range(layers))
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff, dropout, norm_first, sink)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(dim) if norm_first else None
         self.input_scale = math.sqrt(dim) if scale else 1.0
 

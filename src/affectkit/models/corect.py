@@ -59,6 +59,9 @@ class CorectConfig:
     pcm_scale: bool = True  # P-CM stacks multiply their inputs by sqrt(width) first (MulT, the reference)
     pcm_init: str = "xavier"  # xavier: MulT's Xavier-uniform weights, zero biases; torch: nn.Linear's default
     mask_padding: bool = True  # attention never reads padded utterances (the reference attends to them)
+    attention_sink: bool = False  # every attention layer (text stack, P-CM) also attends to a learned
+    #                               key/value, the same for every dialogue and batch (issue 22: what the
+    #                               reference's attention to padding gave, without reading padding)
     text_init: str = "linear"  # text stack: nn.Linear's default draws; mha: nn.TransformerEncoderLayer's
     #                            (Xavier q/k/v as one matrix, zero attention biases); mha_clone: mha, every
     #                            layer a copy of the first (nn.TransformerEncoder's, the reference's encoder)
@@ -69,7 +72,8 @@ class CorectConfig:
 
     #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
-                                                 "mask_padding": True, "text_init": "linear"}
+                                                 "mask_padding": True, "text_init": "linear",
+                                                 "attention_sink": False}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -123,7 +127,8 @@ class PairwiseCrossModal(nn.Module):
         pre = cfg.pcm_norm == "pre"
 
         def stack(dim: int, layers: int) -> TransformerStack:
-            return TransformerStack(dim, cfg.pcm_heads, 4 * dim, cfg.pcm_dropout, layers, pre, cfg.pcm_scale)
+            return TransformerStack(dim, cfg.pcm_heads, 4 * dim, cfg.pcm_dropout, layers, pre, cfg.pcm_scale,
+                                    sink=cfg.attention_sink)
 
         self.cross = nn.ModuleDict({f"{modalities[j]}<-{modalities[k]}": stack(h, cfg.pcm_layers)
                                     for j, k in self.pairs})
@@ -236,7 +241,8 @@ class Corect(nn.Module):
         for m in self.modalities:
             d = int(dims[m])
             if m == "text":
-                self.text_context = TransformerStack(d, cfg.text_heads, cfg.text_ff, cfg.dropout, cfg.text_layers)
+                self.text_context = TransformerStack(d, cfg.text_heads, cfg.text_ff, cfg.dropout, cfg.text_layers,
+                                                     sink=cfg.attention_sink)
                 if cfg.text_init != "linear":
                     for i, layer in enumerate(self.text_context.layers):
                         if i and cfg.text_init == "mha_clone":
