@@ -56,6 +56,9 @@ VARIANTS: dict[str, list[str]] = {
     "ours+asref": ["model.text_init=mha_clone", "model.mask_padding=false", "model.wp=4", "model.wf=11"],
     "ours+mhaclone+nomask": ["model.text_init=mha_clone", "model.mask_padding=false"],
     "ours+mhaclone+refgraph": ["model.text_init=mha_clone", "model.wp=4", "model.wf=11"],
+    # what attending to padding gave the reference, without reading padding: a learned key/value in every
+    # attention layer (batch-invariant, stream = batch)
+    "ours+sink": ["model.attention_sink=true"],
 }
 README_BEGIN = "<!-- corect-learning:begin (bench/corect_learning.py --table --readme) -->"
 README_END = "<!-- corect-learning:end -->"

@@ -49,3 +49,19 @@ def test_an_unreadable_results_file_is_named(tmp_path):
     (tmp_path / "a" / "results.csv").write_text("variant,seed,test_F1_weighted\nx,notanint,0.5\n")
     with pytest.raises(ConfigError, match=r"a/results\.csv: unreadable results"):
         cross_study_table({"A": tmp_path / "a"}, [Row("x", "x")])
+
+
+def test_a_column_can_join_the_runs_of_several_studies(tmp_path):
+    """A list of folders: their variants side by side in one column (and on the selection split); a
+    variant found in two of them is refused by name."""
+    a = _results(tmp_path / "a", {"small": [0.50, 0.60]})
+    b = _results(tmp_path / "b", {"large": [0.70, 0.80], "large_ft": [0.72, 0.83]})
+    table = cross_study_table({"test": [a, b], "dev": ([a, b], "test")},
+                              [Row("small", "small"), Row("large", "large"), Row("ft", "large_ft", "large")])
+    lines = table.splitlines()
+    assert lines[2] == "| small | 55.0 ± 7.1 (n=2) | 55.0 ± 7.1 (n=2) |"
+    assert lines[3] == "| large | 75.0 ± 7.1 (n=2) | 75.0 ± 7.1 (n=2) |"
+    assert lines[4].startswith("| ft | 77.5 ± 7.8 (n=2) (+2.5 [")
+    c = _results(tmp_path / "c", {"small": [0.1]})
+    with pytest.raises(ConfigError, match=r"variant 'small' is in both .*a/results\.csv and .*c/results\.csv"):
+        cross_study_table({"test": [a, c]}, [Row("small", "small")])

@@ -45,26 +45,37 @@ def _cell(rows: list[dict[str, Any]], row: Row, key: str, scale: float) -> str:
     return text
 
 
-def cross_study_table(studies: Mapping[str, str | Path | tuple[str | Path, str]], rows: Sequence[Row],
+Folders = str | Path | list[str | Path]
+
+
+def cross_study_table(studies: Mapping[str, Folders | tuple[Folders, str]], rows: Sequence[Row],
                       metric: str = "F1_weighted", scale: float = 100.0) -> str:
-    """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``), or to
-    ``(folder, split)`` for another split than ``test`` (``valid``: the selection split); every cell shows
+    """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``), a list of
+    folders (their runs together; variant names must not repeat across them), or to ``(folder(s), split)``
+    for another split than ``test`` (``valid``: the selection split); every cell shows
     ``<split>_<metric>`` x ``scale`` as mean ± std over seeds (n when fewer than 5) and, for a row with a
     reference, ``(Δ [95% interval])`` paired by seed within that study (\\* = excludes 0). A study not run
     yet gives "—" cells."""
     loaded: dict[str, tuple[list[dict[str, Any]], str]] = {}
     for title, where in studies.items():
-        folder, split = where if isinstance(where, tuple) else (where, "test")
+        folders, split = where if isinstance(where, tuple) else (where, "test")
         key = f"{split}_{metric}"
-        csv = Path(folder) / "results.csv"
-        try:
-            rows_of = read_results_csv(csv) if csv.is_file() else []
-            for r in rows_of:
-                int(r["seed"]), str(r["variant"])
-                if r.get(key) not in (None, ""):
-                    float(r[key])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{csv}: unreadable results ({exc})") from None
+        rows_of = []
+        seen: dict[str, Path] = {}
+        for folder in folders if isinstance(folders, list) else [folders]:
+            csv = Path(folder) / "results.csv"
+            try:
+                these = read_results_csv(csv) if csv.is_file() else []
+                for r in these:
+                    int(r["seed"]), str(r["variant"])
+                    if r.get(key) not in (None, ""):
+                        float(r[key])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{csv}: unreadable results ({exc})") from None
+            for variant in {str(r["variant"]) for r in these}:
+                if seen.setdefault(variant, csv) != csv:
+                    raise ConfigError(f"variant {variant!r} is in both {seen[variant]} and {csv}")
+            rows_of += these
         loaded[title] = (rows_of, key)
     lines = ["| | " + " | ".join(studies) + " |", "|---|" + "---|" * len(studies)]
     for row in rows:
