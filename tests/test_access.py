@@ -112,6 +112,7 @@ def test_token_bucket_wait_takes_nothing():
     slow.take("s")
     assert slow.wait("s") == pytest.approx(2.0)
     never = TokenBucket(0.0, 1.0, clock=lambda: 0.0)  # rate 0: once empty, never again
+    assert never.wait("x") == 0.0  # exactly one token (the full bucket of one): it may go now
     never.take("x")
     assert math.isinf(never.wait("x"))
 
