@@ -6,11 +6,11 @@ training file is built from), ``onnx`` (ONNX Runtime, float32) and ``onnx-int8``
 1. **Latency**: one sentence at a time (as a live turn arrives), one thread, every sentence new (the test
    split's real transcripts when ``--source`` has them, else random words), p50/p99 per runtime and the
    ratio to torch; all three measured in one run, interleaved sentence by sentence.
-2. **Accuracy** (needs ``--source`` with IEMOCAP): a causal text-only CORECT (``corect_iemocap6_causal.yaml``
-   with ``model.modalities=[text]``: the model the README serves) trained on the torch vectors, one run per
-   seed; its test weighted F1 and the share of test utterances whose predicted label changes when the test vectors come
-   from each runtime instead (the live service embeds new turns with the runtime, the model was trained on
-   torch vectors).
+2. **Accuracy** (needs ``--source`` with IEMOCAP; of ``--encoder``'s vectors when given): a causal
+   text-only CORECT (``corect_iemocap6_causal.yaml`` with ``model.modalities=[text]``: the model the README
+   serves) trained on the torch vectors, one run per seed; its test weighted F1 and the share of test
+   utterances whose predicted label changes when the test vectors come from each runtime instead (the live
+   service embeds new turns with the runtime, the model was trained on torch vectors).
 
     python bench/text_runtime.py --source ../shared/data --work results/text_runtime --seeds 42 43 44
 
@@ -95,8 +95,9 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=600, help="sentences of the latency part")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--encoder", help="latency of this encoder folder's runtimes instead of the shipped MiniLM's "
-                                     "(e.g. the assembled all-mpnet-base-v2)")
+    p.add_argument("--encoder", help="this encoder folder's runtimes instead of the shipped MiniLM's (e.g. the "
+                                     "assembled all-mpnet-base-v2): latency, and accuracy with its own feature "
+                                     "files and trainings (WORK/iemocap_NAME_RUNTIME.pkl, WORK/runs_NAME/)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -120,15 +121,17 @@ def main() -> None:
         from affectkit.features.text import build_text_features
         from affectkit.predict import predict_checkpoint
 
+        tag = f"_{Path(args.encoder).name}" if args.encoder else ""
         feats = {}
         for rt in RUNTIMES:
-            feats[rt] = work / f"iemocap_{rt}.pkl"
+            feats[rt] = work / f"iemocap{tag}_{rt}.pkl"
             if not feats[rt].is_file():
-                build_text_features("iemocap", source, feats[rt], cache_dir=cache, progress=False, runtime=rt)
+                build_text_features("iemocap", source, feats[rt], cache_dir=cache, progress=False, runtime=rt,
+                                    encoder=args.encoder)
         rows = []
         for seed in args.seeds:
             t0 = time.process_time()
-            ckpt = train_seed(feats["torch"], work / "runs" / f"seed{seed}", seed)
+            ckpt = train_seed(feats["torch"], work / f"runs{tag}" / f"seed{seed}", seed)
             row: dict = {"seed": seed, "train_cpu_s": round(time.process_time() - t0, 1)}
             labels = {}
             for rt in RUNTIMES:
