@@ -1,6 +1,7 @@
 """Fine-tuning cost of the text encoder on a real train split: time per epoch, utterances per second, peak RSS.
 
-Runs ``affectkit.features.finetune.finetune_text`` (the shipped all-MiniLM-L6-v2, the real transcripts) for
+Runs ``affectkit.features.finetune.finetune_text`` (the shipped all-MiniLM-L6-v2, or ``--encoder-base mpnet``;
+the real transcripts) for
 ``--epochs`` epochs and prints per-epoch wall and CPU time (training only; dev evaluation timed apart in the
 total), training utterances per second, the process's peak RSS, the load average, and how many epochs fit in
 the issue's 20-minute budget.  The CPU time is the steadier figure on a shared machine.
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder-base", default="minilm", help="base encoder by name: minilm or mpnet")
     p.add_argument("--out", help="output folder (default: a temporary folder, removed)")
     p.add_argument("--summaries", nargs="+", metavar="DIR", help="report finished encoders instead of training")
     a = p.parse_args()
@@ -52,13 +54,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out) if a.out else Path(tmp) / "encoder"
         wall, cpu = time.perf_counter(), time.process_time()
-        s = finetune_text(a.dataset, a.source, out, cfg, progress=True, threads=a.threads)
+        from affectkit.features.packaged import base_dir
+
+        s = finetune_text(a.dataset, a.source, out, cfg, progress=True, threads=a.threads,
+                          base=base_dir(a.encoder_base))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     n = s["utterances"]["train"]
     print(f"torch {torch.__version__}, threads {a.threads}, {os.cpu_count()} CPUs, load average {load0:.1f} at "
           f"start / {os.getloadavg()[0]:.1f} at end; {sys.platform}")
-    print(f"{a.dataset} train {n} utterances (dev {s['utterances']['dev']}, test {s['utterances']['test']}); "
+    print(f"{a.dataset} train {n} utterances (dev {s['utterances']['dev']}, test {s['utterances']['test']}), "
+          f"base {a.encoder_base}; "
           f"context {a.context}, speaker {a.speaker}, max_length {a.max_length}, batch {a.batch_size}")
     for e, (w, c) in enumerate(zip(s["epoch_seconds"], s["epoch_cpu_seconds"]), 1):
         print(f"  epoch {e}: {w:.1f} s wall ({n / w:.1f} utt/s), {c:.1f} s CPU ({n / c:.1f} utt/s per CPU-second)")
