@@ -206,6 +206,29 @@ def test_mask_padding_false_attends_to_padding_as_the_reference_does():
     assert float((b[:3] - a[:3]).abs().max()) > 1e-3  # the short one read its 4 padded positions
 
 
+def test_pad_attention_in_training_reads_padding_while_training_only():
+    """``pad_attention_in_training``: in training the short dialogue's answers are those of ``mask_padding:
+    false`` (it reads its padding); in eval mode those of the masked model (what it gives alone, whatever its
+    batch mates)."""
+    base = {**SMALL, "causal": False, "wp": 3, "wf": 2, "modalities": list(MODS), "use_gnn": True, "use_pcm": True,
+            "context": None, "speaker_mode": "tags", "dropout": 0.0, "pcm_dropout": 0.0}
+    variants = {"masked": {}, "unmasked": {"mask_padding": False}, "train": {"pad_attention_in_training": True}}
+    models = {}
+    for name, over in variants.items():
+        torch.manual_seed(0)
+        models[name] = build_model("corect", {**base, **over}, INFO)
+    rng = np.random.default_rng(3)
+    batch = collate_dialogues([_dialogue(rng, 3, "short"), _dialogue(rng, 7, "long")], MODS)
+    with torch.no_grad():  # eval first: a training forward moves BatchNorm's running statistics
+        evals = {k: m.eval()(batch) for k, m in models.items()}
+        train = {k: m.train()(batch) for k, m in models.items()}
+    np.testing.assert_allclose(train["train"].numpy(), train["unmasked"].numpy(), atol=ATOL)
+    np.testing.assert_allclose(evals["train"].numpy(), evals["masked"].numpy(), atol=ATOL)
+    assert float((evals["unmasked"][:3] - evals["masked"][:3]).abs().max()) > 1e-3  # they differ where padding is
+    with pytest.raises(ConfigError, match="model.pad_attention_in_training needs model.mask_padding: true"):
+        build_model("corect", {**base, "mask_padding": False, "pad_attention_in_training": True}, INFO)
+
+
 @torch.no_grad()
 def test_the_speaker_embedding_is_added_to_each_encoded_utterance():
     model = _model(causal=True, wp=3, modalities=("audio", "visual"), use_gnn=False, use_pcm=False)

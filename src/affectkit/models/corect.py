@@ -59,6 +59,9 @@ class CorectConfig:
     pcm_scale: bool = True  # P-CM stacks multiply their inputs by sqrt(width) first (MulT, the reference)
     pcm_init: str = "xavier"  # xavier: MulT's Xavier-uniform weights, zero biases; torch: nn.Linear's default
     mask_padding: bool = True  # attention never reads padded utterances (the reference attends to them)
+    pad_attention_in_training: bool = False  # with mask_padding: attend to padding while training only (the
+    #                                          reference's batch-dependent damping as a regulariser); never when
+    #                                          evaluating or serving, so answers stay batch-invariant
     attention_sink: bool = False  # every attention layer (text stack, P-CM) also attends to a learned
     #                               key/value, the same for every dialogue and batch (issue 22: what the
     #                               reference's attention to padding gave, without reading padding)
@@ -73,7 +76,7 @@ class CorectConfig:
     #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
                                                  "mask_padding": True, "text_init": "linear",
-                                                 "attention_sink": False}
+                                                 "attention_sink": False, "pad_attention_in_training": False}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -88,6 +91,9 @@ class CorectConfig:
                 raise ConfigError(f"model.context must be null or an integer >= 1, got {self.context!r}")
             if not self.causal:
                 raise ConfigError("model.context (an attention window over past utterances) needs model.causal: true")
+        if self.pad_attention_in_training and not self.mask_padding:
+            raise ConfigError("model.pad_attention_in_training needs model.mask_padding: true (without the mask, "
+                              "attention reads padding always)")
         if self.pcm_norm not in ("pre", "post"):
             raise ConfigError(f"model.pcm_norm must be pre or post, got {self.pcm_norm!r}")
         if self.pcm_init not in ("xavier", "torch"):
@@ -298,8 +304,10 @@ class Corect(nn.Module):
         if state is not None:
             self._check_step(batch, state)
             state.begin(int(batch.mask.shape[1]))
-        # mask_padding false: the stacks also run on (and attend to) padded positions, as the reference does
-        rows = batch.mask if self.cfg.mask_padding or state is not None else torch.ones_like(batch.mask)
+        # mask_padding false (or pad_attention_in_training while training): the stacks also run on (and attend
+        # to) padded positions, as the reference does
+        masked = self.cfg.mask_padding and not (self.cfg.pad_attention_in_training and self.training)
+        rows = batch.mask if masked or state is not None else torch.ones_like(batch.mask)
         feats, seqs = self.encode(batch, state, rows)
         real = None if rows is batch.mask else batch.mask[rows]
 
