@@ -59,6 +59,9 @@ VARIANTS: dict[str, list[str]] = {
     # what attending to padding gave the reference, without reading padding: a learned key/value in every
     # attention layer (batch-invariant, stream = batch)
     "ours+sink": ["model.attention_sink=true"],
+    # the reference's attention to padding as a training-time regulariser only: evaluation (dev selection,
+    # test, serving) masked, so answers stay batch-invariant
+    "ours+padtrain": ["model.pad_attention_in_training=true"],
 }
 README_BEGIN = "<!-- corect-learning:begin (bench/corect_learning.py --table --readme) -->"
 README_END = "<!-- corect-learning:end -->"
