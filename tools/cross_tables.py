@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affectkit.studies.compare import Row, cross_study_table
-from affectkit.studies.report import mean_std, per_seed, read_results_csv
+from affectkit.studies.compare import Row, cross_study_table, study_runs
+from affectkit.studies.report import mean_std, per_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"IEMOCAP-6": "iemocap6", "IEMOCAP-4": "iemocap4", "MELD": "meld"}
@@ -135,8 +135,7 @@ def bases_headlines() -> str:
     only), its test figure and issue 24's target."""
     lines = ["| dataset | model | dev selects | dev | test | target | |", "|---|---|---|---|---|---|---|"]
     for name, key in SETS.items():
-        runs = [r for folder in _base_folders(key) if (folder / "results.csv").is_file()
-                for r in read_results_csv(folder / "results.csv")]
+        runs = study_runs(_base_folders(key), ["valid_F1_weighted", "test_F1_weighted"])
         for model, suffix in (("offline", ""), ("causal", "_causal")):
             scored = []
             for label, stem in BASE_ENCODERS:

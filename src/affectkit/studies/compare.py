@@ -14,7 +14,7 @@ from typing import Any
 from affectkit.errors import ConfigError
 from affectkit.studies.report import mean_std, paired_difference, per_seed, read_results_csv
 
-__all__ = ["Row", "cross_study_table"]
+__all__ = ["Row", "cross_study_table", "study_runs"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,35 @@ def _cell(rows: list[dict[str, Any]], row: Row, key: str, scale: float) -> str:
 Folders = str | Path | list[str | Path]
 
 
+def study_runs(folders: Folders, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The runs of a study folder, or of several together (their ``results.csv``; a folder not run yet has
+    none): each run's seed and variant checked and each of ``keys`` a number where present; a variant found
+    in two of the folders is refused by name."""
+    runs: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for folder in folders if isinstance(folders, list) else [folders]:
+        csv = Path(folder) / "results.csv"
+        try:
+            these = read_results_csv(csv) if csv.is_file() else []
+            for r in these:
+                int(r["seed"]), str(r["variant"])
+                for key in keys:
+                    if r.get(key) not in (None, ""):
+                        float(r[key])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{csv}: unreadable results ({exc})") from None
+        for variant in {str(r["variant"]) for r in these}:
+            if seen.setdefault(variant, csv) != csv:
+                raise ConfigError(f"variant {variant!r} is in both {seen[variant]} and {csv}")
+        runs += these
+    return runs
+
+
 def cross_study_table(studies: Mapping[str, Folders | tuple[Folders, str]], rows: Sequence[Row],
                       metric: str = "F1_weighted", scale: float = 100.0) -> str:
     """A markdown table: ``studies`` maps a column title to a study folder (its ``results.csv``), a list of
-    folders (their runs together; variant names must not repeat across them), or to ``(folder(s), split)``
-    for another split than ``test`` (``valid``: the selection split); every cell shows
+    folders (their runs together, :func:`study_runs`), or to ``(folder(s), split)`` for another split than
+    ``test`` (``valid``: the selection split); every cell shows
     ``<split>_<metric>`` x ``scale`` as mean ± std over seeds (n when fewer than 5) and, for a row with a
     reference, ``(Δ [95% interval])`` paired by seed within that study (\\* = excludes 0). A study not run
     yet gives "—" cells."""
@@ -60,23 +84,7 @@ def cross_study_table(studies: Mapping[str, Folders | tuple[Folders, str]], rows
     for title, where in studies.items():
         folders, split = where if isinstance(where, tuple) else (where, "test")
         key = f"{split}_{metric}"
-        rows_of = []
-        seen: dict[str, Path] = {}
-        for folder in folders if isinstance(folders, list) else [folders]:
-            csv = Path(folder) / "results.csv"
-            try:
-                these = read_results_csv(csv) if csv.is_file() else []
-                for r in these:
-                    int(r["seed"]), str(r["variant"])
-                    if r.get(key) not in (None, ""):
-                        float(r[key])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{csv}: unreadable results ({exc})") from None
-            for variant in {str(r["variant"]) for r in these}:
-                if seen.setdefault(variant, csv) != csv:
-                    raise ConfigError(f"variant {variant!r} is in both {seen[variant]} and {csv}")
-            rows_of += these
-        loaded[title] = (rows_of, key)
+        loaded[title] = (study_runs(folders, [key]), key)
     lines = ["| | " + " | ".join(studies) + " |", "|---|" + "---|" * len(studies)]
     for row in rows:
         cells = [_cell(rows_of, row, key, scale) for rows_of, key in loaded.values()]
