@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     # what attending to padding gave the reference, without reading padding: a learned key/value in every
     # attention layer (batch-invariant, stream = batch)
     "ours+sink": ["model.attention_sink=true"],
+    # the same in P-CM's layers only: a text-only model (no P-CM) is unchanged by it
+    "ours+pcmsink": ["model.pcm_sink=true"],
     # the reference's attention to padding as a training-time regulariser only: evaluation (dev selection,
     # test, serving) masked, so answers stay batch-invariant
     "ours+padtrain": ["model.pad_attention_in_training=true"],

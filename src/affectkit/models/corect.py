@@ -65,6 +65,8 @@ class CorectConfig:
     attention_sink: bool = False  # every attention layer (text stack, P-CM) also attends to a learned
     #                               key/value, the same for every dialogue and batch (issue 22: what the
     #                               reference's attention to padding gave, without reading padding)
+    pcm_sink: bool = False  # the same learned key/value in P-CM's layers only (the text stack keeps none); a
+    #                         text-only model has no P-CM, so this never changes one
     text_init: str = "linear"  # text stack: nn.Linear's default draws; mha: nn.TransformerEncoderLayer's
     #                            (Xavier q/k/v as one matrix, zero attention biases); mha_clone: mha, every
     #                            layer a copy of the first (nn.TransformerEncoder's, the reference's encoder)
@@ -76,7 +78,8 @@ class CorectConfig:
     #: Values of later fields that checkpoints written before them were trained with (see checkpoint.load_model).
     LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"pcm_norm": "post", "pcm_scale": False, "pcm_init": "torch",
                                                  "mask_padding": True, "text_init": "linear",
-                                                 "attention_sink": False, "pad_attention_in_training": False}
+                                                 "attention_sink": False, "pad_attention_in_training": False,
+                                                 "pcm_sink": False}
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)
@@ -134,7 +137,7 @@ class PairwiseCrossModal(nn.Module):
 
         def stack(dim: int, layers: int) -> TransformerStack:
             return TransformerStack(dim, cfg.pcm_heads, 4 * dim, cfg.pcm_dropout, layers, pre, cfg.pcm_scale,
-                                    sink=cfg.attention_sink)
+                                    sink=cfg.attention_sink or cfg.pcm_sink)
 
         self.cross = nn.ModuleDict({f"{modalities[j]}<-{modalities[k]}": stack(h, cfg.pcm_layers)
                                     for j, k in self.pairs})
