@@ -205,3 +205,23 @@ def test_text_init_follows_nn_transformer_encoder(data):
     assert 0.95 * bound < _amax(clone[0].attn.k.weight) <= bound
     with pytest.raises(ConfigError, match="model.text_init must be one of linear, mha, mha_clone"):
         _model(data, text_init="xavier")
+
+
+def test_pcm_sink_sits_in_pcm_only_and_leaves_a_text_only_model_as_it_was(data):
+    """``pcm_sink``: every P-CM layer has a learned key/value and the text stack none (``attention_sink``
+    puts one in both); a text-only model has no P-CM, so the switch changes neither its parameters nor,
+    from the same seed, its output."""
+    def sinks(model: torch.nn.Module) -> set[str]:
+        return {name.split(".")[0] for name, _ in model.named_parameters() if name.endswith(".sink")}
+
+    assert sinks(_model(data, pcm_sink=True)) == {"pcm"}
+    assert sinks(_model(data, attention_sink=True)) == {"pcm", "text_context"}
+    assert sinks(_model(data)) == set()
+    batch = collate_dialogues(data.splits["test"][:3], data.kept)
+    outs = []
+    for pcm_sink in (False, True):
+        torch.manual_seed(7)
+        model = _model(data, modalities=["text"], pcm_sink=pcm_sink).eval()
+        assert sinks(model) == set()
+        outs.append(model(batch))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
