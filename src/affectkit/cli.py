@@ -287,6 +287,22 @@ def cmd_finetune_text(args: argparse.Namespace) -> None:
         print(f"wrote {len(folds)} cross-fitting fold encoders under {Path(args.out) / 'folds'}")
 
 
+def cmd_distil_text(args: argparse.Namespace) -> None:
+    """Distil a fine-tuned encoder into the shipped MiniLM; print how closely the student follows it."""
+    from affectkit.features.distil import DistilConfig, distil_encoder
+
+    cfg = DistilConfig(epochs=args.epochs, seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
+                       lr=args.lr)
+    s = distil_encoder(args.teacher, args.dataset, args.source, args.out, cfg, progress=not args.quiet,
+                       student=args.student, threads=args.threads)
+    print(f"wrote encoder {args.out} (sha256 {s['encoder_sha256'][:12]}), distilled from "
+          f"{s['distilled_from']['name']}; "
+          f"best epoch {s['best_epoch']} of {cfg.epochs} on dev; agreement with the teacher's top "
+          f"{s['dim']} directions ({100 * s['teacher_variance_kept']:.1f}% of its variance): dev R^2 "
+          f"{s['dev']['r2']:.3f} cosine {s['dev']['cosine']:.3f}, test R^2 {s['test']['r2']:.3f} cosine "
+          f"{s['test']['cosine']:.3f}; {s['seconds']:.0f}s")
+
+
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     """``["field=name", ...]`` -> {field: name}; ConfigError for an item without '='."""
     out = {}
@@ -500,6 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crossfit", type=int, default=0, metavar="K",
                    help="also train K fold encoders, each without one train fold (for features --crossfit)")
     s.set_defaults(func=cmd_finetune_text)
+
+    s = sub.add_parser("distil-text", help="distil a fine-tuned encoder (e.g. mpnet) into MiniLM for live speed")
+    s.add_argument("--teacher", required=True, metavar="DIR", help="a finetune-text output folder")
+    s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
+    s.add_argument("--source", required=True, help="folder (or .pkl) of the COSMIC transcripts")
+    s.add_argument("out", help="output folder (the student encoder); rerun the same command to resume")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-length", type=int, default=128, help="tokens per input (context cut from the left)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    s.add_argument("--student", help="student encoder folder (default: the shipped all-MiniLM-L6-v2)")
+    s.set_defaults(func=cmd_distil_text)
 
     s = sub.add_parser("import", help="your own conversations: a CSV/TSV/JSONL table (or folder) -> feature file")
     s.add_argument("source", help="table file (.csv .tsv .jsonl) or a folder of them; one row per utterance")

@@ -216,14 +216,42 @@ def _epoch_timer(path: Path) -> Any:
     return EpochTimer()
 
 
-def _write_encoder(out: Path, model: EncoderClassifier, tokenizer: Any, base: Path, info: dict[str, Any],
+def make_trainer(model: nn.Module, tokenizer: Any, sets: dict[str, Any], ckpt_dir: Path, cfg: Any, progress: bool,
+                 compute_metrics: Any, metric: str, greater: bool, callbacks: Sequence[Any] = ()) -> Any:
+    """The transformers ``Trainer`` both trainings use (fine-tuning, :mod:`affectkit.features.distil`): CPU,
+    per-epoch dev evaluation and checkpoint (the last and the best on ``metric``), length-grouped batches,
+    the per-epoch timer; ``cfg`` gives epochs, batch_size, lr, weight_decay, warmup and seed."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=64, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=greater,
+        save_total_limit=1, use_cpu=True, seed=cfg.seed, report_to="none", disable_tqdm=not progress,
+        dataloader_num_workers=0, train_sampling_strategy="group_by_length",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["dev"],
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+                      callbacks=[_epoch_timer(ckpt_dir / EPOCHS_FILE), *callbacks])
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # with the bar off it would print every log dict
+    return trainer
+
+
+def _write_encoder(out: Path, model: nn.Module, tokenizer: Any, base: Path, info: dict[str, Any],
                    max_length: int) -> None:
-    """Write the transformer, tokenizer, sentence-transformers files, head and ``affectkit_encoder.json``."""
+    """Write the transformer, tokenizer, sentence-transformers files, head (if ``model`` has one) and
+    ``affectkit_encoder.json``."""
     from safetensors.torch import save_file
 
     model.encoder.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+    head = getattr(model, "head", None)
+    if head is not None:
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(out / "head.safetensors"))
     for rel in ("modules.json", "1_Pooling/config.json", "config_sentence_transformers.json"):
         if (base / rel).is_file():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +283,7 @@ def finetune_text(
     cfg = cfg or FinetuneConfig()
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+        from transformers import AutoModel, AutoTokenizer, set_seed
     except ImportError as exc:
         raise ConfigError(f"fine-tuning needs transformers and accelerate ({exc}); pip install -e '.[text]'") from None
     if threads is not None:
@@ -295,21 +323,8 @@ def finetune_text(
         m = classification_metrics(np.argmax(pred.predictions, -1), pred.label_ids, list(data.label_names))
         return {"F1_weighted": m["F1_weighted"], "Acc": m["Acc"], "F1_macro": m["F1_macro"]}
 
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=64, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
-        load_best_model_at_end=True, metric_for_best_model="F1_weighted", greater_is_better=True,
-        save_total_limit=1, use_cpu=True, seed=cfg.seed, report_to="none", disable_tqdm=not progress,
-        dataloader_num_workers=0, train_sampling_strategy="group_by_length",
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets["dev"],
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                      callbacks=[_epoch_timer(ckpt_dir / EPOCHS_FILE), *callbacks])
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # with the bar off it would print every log dict
+    trainer = make_trainer(model, tokenizer, sets, ckpt_dir, cfg, progress, compute_metrics, "F1_weighted", True,
+                           callbacks)
     if resume is not None:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
