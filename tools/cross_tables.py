@@ -123,7 +123,8 @@ BASE_ENCODERS = (("MiniLM frozen", "frozen"), ("MiniLM fine-tuned (utterance)", 
                  ("MiniLM fine-tuned (utterance, class-weighted)", "uttcw"),
                  ("MiniLM fine-tuned (utterance, class-weighted), cross-fitted", "uttcw_crossfit"),
                  ("mpnet frozen", "mpnet"), ("mpnet fine-tuned (utterance)", "mpnet_utt"),
-                 ("mpnet fine-tuned (utterance, class-weighted)", "mpnet_uttcw"))
+                 ("mpnet fine-tuned (utterance, class-weighted)", "mpnet_uttcw"),
+                 ("MiniLM distilled from mpnet fine-tuned (utterance)", "distil"))
 
 
 def _base_folders(key: str) -> list[Path]:
