@@ -141,11 +141,24 @@ def test_an_old_run_is_done_when_its_defaults_of_then_are_the_model_now(tmp_path
     assert is_done(_corect_folder(tmp_path / "old", cfg, None), cfg, SHA) is True
 
 
-def test_a_model_field_the_run_did_not_record_reruns_it(tmp_path, caplog):
+def test_a_model_field_added_since_the_run_takes_its_legacy_value(tmp_path, caplog, monkeypatch):
+    """A run whose recorded model config lacks a field added since had that field's legacy value
+    (``LEGACY_DEFAULTS``): equal to today's default, the run is done (a new switch does not rerun every
+    study); a legacy value that differs from today's, or a field with no legacy value declared, reruns it."""
+    from affectkit.models.corect import CorectConfig
     from affectkit.studies.run import full_model_config
 
     cfg = _corect()
-    recorded = {k: v for k, v in full_model_config(cfg).items() if k != "text_init"}  # a field added since
+    recorded = {k: v for k, v in full_model_config(cfg).items() if k not in ("text_init", "pcm_sink")}
+    assert CorectConfig.LEGACY_DEFAULTS["text_init"] == CorectConfig().text_init  # "linear" then and now
+    assert is_done(_corect_folder(tmp_path / "run", cfg, recorded), cfg, SHA) is True
+    pre = {k: v for k, v in full_model_config(cfg).items() if k != "pcm_norm"}  # legacy "post", now "pre"
     with caplog.at_level(logging.WARNING, logger="affectkit"):
-        assert is_done(_corect_folder(tmp_path / "run", cfg, recorded), cfg, SHA) is False
+        assert is_done(_corect_folder(tmp_path / "pre", cfg, pre), cfg, SHA) is False
+    assert "model.pcm_norm" in caplog.text
+    monkeypatch.setattr(CorectConfig, "LEGACY_DEFAULTS",
+                        {k: v for k, v in CorectConfig.LEGACY_DEFAULTS.items() if k != "text_init"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="affectkit"):
+        assert is_done(_corect_folder(tmp_path / "undeclared", cfg, recorded), cfg, SHA) is False
     assert "model.text_init" in caplog.text

@@ -90,6 +90,8 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
         had = provenance.get("model_config")
         if had is None:  # a run from before provenance held every field: the defaults of its time
             had = full_model_config(config_from_dict(stored), legacy=True)
+        else:  # fields added since it ran: what runs had before them (LEGACY_DEFAULTS), if declared
+            had = {**legacy_defaults(new_cfg.model_name), **had}
         now = full_model_config(new_cfg)
         changed = [f"model.{k}" for k in sorted(had.keys() | now.keys()) if had.get(k) != now.get(k)]
     if changed:
@@ -98,18 +100,29 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
     return not changed
 
 
+def legacy_defaults(model_name: str) -> dict[str, Any]:
+    """The values a model's runs had before each of its later fields existed (its config's
+    ``LEGACY_DEFAULTS``, JSON-normalised; empty for an unknown model or one that declares none)."""
+    from affectkit.models.registry import get_model_entry
+
+    try:
+        old = getattr(get_model_entry(model_name).config_cls, "LEGACY_DEFAULTS", {})
+    except ConfigError:
+        return {}
+    return json.loads(json.dumps(old, default=str))
+
+
 def full_model_config(cfg: RunConfig, legacy: bool = False) -> dict[str, Any]:
     """Every field of the run's model config (defaults filled in), as JSON reads it back. ``legacy``: fields
     the stored config lacks take the values runs had before those fields existed (the model config's
     ``LEGACY_DEFAULTS``, as for old checkpoints)."""
     import dataclasses
 
-    from affectkit.models.registry import get_model_entry, model_config
+    from affectkit.models.registry import model_config
 
     params = dict(cfg.model_params)
     if legacy:
-        old = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
-        params = {**{k: v for k, v in old.items() if k not in params}, **params}
+        params = {**legacy_defaults(cfg.model_name), **params}
     try:
         return json.loads(json.dumps(dataclasses.asdict(model_config(cfg.model_name, params)), default=str))
     except ConfigError:
