@@ -303,6 +303,16 @@ def cmd_distil_text(args: argparse.Namespace) -> None:
           f"{s['test']['cosine']:.3f}; {s['seconds']:.0f}s")
 
 
+def _encoder_training_options(s: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    """The options finetune-text and distil-text share (the Trainer's settings)."""
+    s.add_argument("--epochs", type=int, default=epochs)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-length", type=int, default=128, help="tokens per input (context cut from the left)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=lr)
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
     """``["field=name", ...]`` -> {field: name}; ConfigError for an item without '='."""
     out = {}
@@ -504,12 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, default=0, metavar="K", help="past utterances in the input (default 0)")
     s.add_argument("--speaker", action="store_true", help="prefix each turn with its speaker tag")
     s.add_argument("--class-weights", action="store_true", help="inverse-frequency class weights (MELD)")
-    s.add_argument("--epochs", type=int, default=4)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-length", type=int, default=128, help="tokens per input (context cut from the left)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=5e-5)
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _encoder_training_options(s, epochs=4, lr=5e-5)
     s.add_argument("--base", help="base encoder folder (default: the shipped all-MiniLM-L6-v2)")
     s.add_argument("--encoder-base", metavar="NAME",
                    help="base encoder by name instead of --base: minilm (the default) or mpnet (all-mpnet-base-v2)")
@@ -522,12 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, choices=["iemocap", "iemocap4", "meld"])
     s.add_argument("--source", required=True, help="folder (or .pkl) of the COSMIC transcripts")
     s.add_argument("out", help="output folder (the student encoder); rerun the same command to resume")
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-length", type=int, default=128, help="tokens per input (context cut from the left)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    _encoder_training_options(s, epochs=3, lr=1e-4)
     s.add_argument("--student", help="student encoder folder (default: the shipped all-MiniLM-L6-v2)")
     s.set_defaults(func=cmd_distil_text)
 

@@ -14,7 +14,6 @@ like ``finetune-text``'s (no classifier head), whose ``affectkit_encoder.json`` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -33,17 +32,19 @@ from affectkit.features.encoder_ref import (
     encoder_record,
     encoder_sha256,
     mean_pool,
-    quiet_loading,
 )
 from affectkit.features.finetune import (
-    EPOCHS_FILE,
     _prepare_out,
     _write_encoder,
     base_name,
+    check_training_ranges,
     data_sha256,
+    epoch_timings,
+    load_transformer,
     make_trainer,
     shipped_encoder_dir,
     split_inputs,
+    start_training,
 )
 
 
@@ -60,11 +61,7 @@ class DistilConfig:
     warmup: float = 0.1
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "max_length": self.max_length >= 8, "batch_size": self.batch_size >= 1,
-                  "lr": self.lr > 0, "warmup": 0 <= self.warmup < 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"distil {name}={getattr(self, name)!r} is out of range")
+        check_training_ranges("distil", self)
 
 
 class EncoderRegressor(nn.Module):
@@ -142,13 +139,7 @@ def distil_encoder(
     from affectkit.features.text import SentenceEncoder
 
     cfg = cfg or DistilConfig()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        from transformers import AutoModel, AutoTokenizer, set_seed
-    except ImportError as exc:
-        raise ConfigError(f"distillation needs transformers and accelerate ({exc}); pip install -e '.[text]'") from None
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_seed = start_training("distillation", threads)
     start = time.perf_counter()
     out = Path(out_dir)
     teacher_info = read_encoder_info(teacher)
@@ -164,13 +155,7 @@ def distil_encoder(
     resume = _prepare_out(out, record)
     ckpt_dir = out / CHECKPOINTS
 
-    try:
-        with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(student, local_files_only=True)
-            encoder = AutoModel.from_pretrained(student, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"could not load the student encoder {student} ({exc})") from None
-    tokenizer.truncation_side = recipe.truncation_side
+    tokenizer, encoder = load_transformer(student, "student", recipe.truncation_side)
     width = int(encoder.config.hidden_size)
 
     inputs = {split: split_inputs(data, split, recipe)[0] for split in SPLITS}
@@ -199,7 +184,6 @@ def distil_encoder(
               for split in ("dev", "test")}
     history = [{"epoch": round(e["epoch"]), "dev_mse": e["eval_mse"], "dev_cosine": e["eval_cosine"]}
                for e in trainer.state.log_history if "eval_mse" in e]
-    epochs = [json.loads(line) for line in (ckpt_dir / EPOCHS_FILE).read_text().splitlines()]
     info = {
         "format": 1, "base": base_name(student), "dim": width, "max_length": cfg.max_length,
         "recipe": recipe.to_dict(), "dataset": data.dataset, "label_names": list(data.label_names),
@@ -207,14 +191,12 @@ def distil_encoder(
         "distilled_from": {k: teacher_ref[k] for k in ("folder", "sha256", "name")},
     }
     _write_encoder(out, model, tokenizer, student, info, cfg.max_length)
-    seconds = [e["seconds"] for e in epochs]
     summary = {
         **info, "encoder_sha256": encoder_sha256(out),
         "best_epoch": min(history, key=lambda h: h["dev_mse"])["epoch"] if history else None,
         "history": history, "dev": scores["dev"], "test": scores["test"],
         "teacher_variance_kept": kept, "utterances": {s: len(sets[s]) for s in SPLITS},
-        "epoch_seconds": seconds, "epoch_cpu_seconds": [e.get("cpu_seconds") for e in epochs],
-        "train_utterances_per_second": len(sets["train"]) / float(np.median(seconds)) if seconds else None,
+        **epoch_timings(ckpt_dir, len(sets["train"])),
         "seconds": time.perf_counter() - start, "resumed": resume is not None, "threads": torch.get_num_threads(),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

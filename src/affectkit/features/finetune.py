@@ -71,16 +71,21 @@ class FinetuneConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "max_length": self.max_length >= 8, "batch_size": self.batch_size >= 1,
-                  "lr": self.lr > 0, "warmup": 0 <= self.warmup < 1, "dropout": 0 <= self.dropout < 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"finetune {name}={getattr(self, name)!r} is out of range")
+        check_training_ranges("finetune", self, dropout=0 <= self.dropout < 1)
         InputRecipe(context=self.context, speaker=self.speaker)
 
     @property
     def recipe(self) -> InputRecipe:
         return InputRecipe(context=self.context, speaker=self.speaker)
+
+
+def check_training_ranges(what: str, cfg: Any, **more: bool) -> None:
+    """ConfigError naming the first of ``cfg``'s Trainer settings (and ``more`` checks) out of range."""
+    checks = {"epochs": cfg.epochs >= 1, "max_length": cfg.max_length >= 8, "batch_size": cfg.batch_size >= 1,
+              "lr": cfg.lr > 0, "warmup": 0 <= cfg.warmup < 1, **more}
+    for name, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{what} {name}={getattr(cfg, name)!r} is out of range")
 
 
 def shipped_encoder_dir() -> Path:
@@ -216,6 +221,42 @@ def _epoch_timer(path: Path) -> Any:
     return EpochTimer()
 
 
+def start_training(what: str, threads: int | None) -> Any:
+    """Offline transformers for ``what`` ("fine-tuning", "distillation"): its ``set_seed``, torch's intra-op
+    threads set; ConfigError in one line when the ``[text]`` extra is missing."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from transformers import set_seed
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs transformers and accelerate ({exc}); pip install -e '.[text]'") from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return set_seed
+
+
+def load_transformer(folder: Path, role: str, truncation_side: str = "right") -> tuple[Any, Any]:
+    """(tokenizer, model) of a transformers folder, offline; DataError naming ``role`` ("base", "student")
+    when it cannot be loaded."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"could not load the {role} encoder {folder} ({exc})") from None
+    tokenizer.truncation_side = truncation_side
+    return tokenizer, encoder
+
+
+def epoch_timings(ckpt_dir: Path, n_train: int) -> dict[str, Any]:
+    """The summary's timing fields from the per-epoch timer's file (:func:`make_trainer`)."""
+    epochs = [json.loads(line) for line in (ckpt_dir / EPOCHS_FILE).read_text().splitlines()]
+    seconds = [e["seconds"] for e in epochs]
+    return {"epoch_seconds": seconds, "epoch_cpu_seconds": [e.get("cpu_seconds") for e in epochs],
+            "train_utterances_per_second": n_train / float(np.median(seconds)) if seconds else None}
+
+
 def make_trainer(model: nn.Module, tokenizer: Any, sets: dict[str, Any], ckpt_dir: Path, cfg: Any, progress: bool,
                  compute_metrics: Any, metric: str, greater: bool, callbacks: Sequence[Any] = ()) -> Any:
     """The transformers ``Trainer`` both trainings use (fine-tuning, :mod:`affectkit.features.distil`): CPU,
@@ -281,13 +322,7 @@ def finetune_text(
     training summary (also written to ``training_summary.json``).
     """
     cfg = cfg or FinetuneConfig()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        from transformers import AutoModel, AutoTokenizer, set_seed
-    except ImportError as exc:
-        raise ConfigError(f"fine-tuning needs transformers and accelerate ({exc}); pip install -e '.[text]'") from None
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_seed = start_training("fine-tuning", threads)
     start = time.perf_counter()
     out = Path(out_dir)
     base = Path(base) if base is not None else shipped_encoder_dir()
@@ -301,13 +336,7 @@ def finetune_text(
     resume = _prepare_out(out, record)
     ckpt_dir = out / CHECKPOINTS
 
-    try:
-        with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-            encoder = AutoModel.from_pretrained(base, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"could not load the base encoder {base} ({exc})") from None
-    tokenizer.truncation_side = cfg.recipe.truncation_side
+    tokenizer, encoder = load_transformer(base, "base", cfg.recipe.truncation_side)
     sets: dict[str, UtteranceDataset] = {}
     for split in SPLITS:
         texts, labels = split_inputs(data, split, cfg.recipe)
@@ -341,7 +370,6 @@ def finetune_text(
         for e in trainer.state.log_history
         if "eval_F1_weighted" in e
     ]
-    epochs = [json.loads(line) for line in (ckpt_dir / EPOCHS_FILE).read_text().splitlines()]
     best_epoch = max(history, key=lambda h: h["dev_F1_weighted"])["epoch"] if history else None
 
     info = {
@@ -351,13 +379,10 @@ def finetune_text(
         "config": asdict(cfg), "held_out_train": held,
     }
     _write_encoder(out, model, tokenizer, base, info, cfg.max_length)
-    seconds = [e["seconds"] for e in epochs]
-    n_train = len(sets["train"])
     summary = {
         **info, "encoder_sha256": encoder_sha256(out), "best_epoch": best_epoch, "history": history,
         "dev": scores["dev"], "test": scores["test"], "utterances": {s: len(sets[s]) for s in SPLITS},
-        "epoch_seconds": seconds, "epoch_cpu_seconds": [e.get("cpu_seconds") for e in epochs],
-        "train_utterances_per_second": n_train / float(np.median(seconds)) if seconds else None,
+        **epoch_timings(ckpt_dir, len(sets["train"])),
         "seconds": time.perf_counter() - start, "resumed": resume is not None,
         "threads": torch.get_num_threads(),
     }
@@ -404,16 +429,12 @@ def finetune_crossfit(dataset: str, source: str | Path, out_dir: str | Path, k: 
 def load_classifier(folder: str | Path) -> tuple[EncoderClassifier, Any, dict[str, Any]]:
     """Rebuild the fine-tuned classifier (encoder + head) from an output folder: (model, tokenizer, info)."""
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
 
     from affectkit.features.encoder_ref import read_encoder_info
 
     folder = Path(folder)
     info = read_encoder_info(folder)
-    with quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        encoder = AutoModel.from_pretrained(folder, local_files_only=True)
-    tokenizer.truncation_side = InputRecipe.from_dict(info["recipe"]).truncation_side
+    tokenizer, encoder = load_transformer(folder, "fine-tuned", InputRecipe.from_dict(info["recipe"]).truncation_side)
     model = EncoderClassifier(encoder, len(info["label_names"]))
     model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
     return model.eval(), tokenizer, info
