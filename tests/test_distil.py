@@ -22,7 +22,13 @@ from affectkit.safe_pickle import safe_load
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from affectkit.features.distil import DistilConfig, _agreement, distil_encoder, principal_projection  # noqa: E402
+from affectkit.features.distil import (  # noqa: E402
+    DistilConfig,
+    _agreement,
+    distil_encoder,
+    principal_projection,
+    projected_targets,
+)
 from affectkit.features.finetune import FinetuneConfig, finetune_text  # noqa: E402
 
 FAST = dict(epochs=8, batch_size=8, max_length=32, lr=1e-2, warmup=0.0)
@@ -69,6 +75,22 @@ def test_principal_projection_is_orthonormal_and_ordered(n, dim, seed):
     spread = proj.var(0)
     assert np.all(np.diff(spread) <= 1e-9)  # the first direction keeps the most
     assert kept == pytest.approx(1.0)  # every direction kept: nothing lost
+
+
+def test_targets_are_fitted_on_train_and_scaled_to_unit_variance():
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(40, 6)) * [3.0, 2.0, 1.0, 0.5, 0.1, 0.01] * 0.01 + 5.0
+    dev = rng.normal(size=(7, 6)) * 0.01 + 5.0
+    targets, kept = projected_targets({"train": train, "dev": dev}, 3)
+    assert targets["train"].shape == (40, 3) and targets["dev"].shape == (7, 3)
+    assert targets["train"].var(0).mean() == pytest.approx(1.0, rel=1e-5)
+    assert np.abs(targets["train"].mean(0)).max() < 1e-5  # centred on train's mean ...
+    mean, dirs, _ = principal_projection(train, 3)
+    scale = np.sqrt(((train - mean) @ dirs).var(0).mean())
+    np.testing.assert_allclose(targets["dev"], (dev - mean) @ dirs / scale, rtol=1e-5)  # ... dev by the same map
+    assert 0.95 < kept < 1.0
+    with pytest.raises(Exception, match="directions"):
+        projected_targets({"train": train[:3]}, 6)
 
 
 def test_agreement_by_hand():

@@ -3,8 +3,9 @@ parameters) into the shipped all-MiniLM-L6-v2 (the student, 22M), so the live se
 with what the teacher learnt (issue 24: mpnet's p99 per utterance is over the live budget even in int8).
 
 Targets: the teacher's vectors of every utterance input (its own input recipe, embedded through the usual
-cache), projected on their top principal components fitted on the train split (as many as the student's
-width, centred), so the student keeps its plain mean-pooled output and every loader, runtime (ONNX, int8) and
+cache), centred and projected on their top principal components fitted on the train split (as many as the
+student's width), scaled to unit variance per coordinate on average (:func:`projected_targets`), so the
+student keeps its plain mean-pooled output and every loader, runtime (ONNX, int8) and
 the service use it unchanged.  Loss: mean squared error per coordinate; the epoch is chosen on the dev loss
 (the transformers ``Trainer``, resumable per epoch, as ``finetune-text``).  The output folder is an encoder
 like ``finetune-text``'s (no classifier head), whose ``affectkit_encoder.json`` names the teacher
@@ -108,6 +109,19 @@ def principal_projection(train: np.ndarray, width: int) -> tuple[np.ndarray, np.
     return mean, vt[:k].T.copy(), float(var[:k].sum() / max(var.sum(), 1e-30))
 
 
+def projected_targets(vectors: dict[str, np.ndarray], width: int) -> tuple[dict[str, np.ndarray], float]:
+    """Each split's teacher vectors centred and projected on the top ``width`` principal directions of the train
+    split's, then scaled so the train targets' mean variance per coordinate is 1 (unit-norm teacher vectors
+    give coordinates of about 1/sqrt(dim): a loss that small barely moves the student); the mean, directions
+    and scale come from train alone.  Returns the targets and the share of the teacher's variance kept."""
+    mean, directions, kept = principal_projection(vectors["train"], width)
+    if directions.shape[1] < width:
+        raise DataError(f"the teacher's vectors have {directions.shape[1]} directions; the student needs {width}")
+    train = (vectors["train"] - mean) @ directions
+    scale = float(np.sqrt(max(train.var(0).mean(), 1e-30)))
+    return {split: ((v - mean) @ directions / scale).astype(np.float32) for split, v in vectors.items()}, kept
+
+
 def _agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """Mean squared error, mean cosine, and R^2 (share of the targets' variance explained) of predictions."""
     err = float(((pred - target) ** 2).mean())
@@ -164,10 +178,7 @@ def distil_encoder(
             raise DataError(f"{dataset}: the {split} split is empty; distillation needs train, dev and test")
     teacher_enc = SentenceEncoder(cache_dir, encoder=teacher, expected_sha256=teacher_ref["sha256"])
     vectors = {split: teacher_enc.embed(texts, progress=progress) for split, texts in inputs.items()}
-    mean, directions, kept = principal_projection(vectors["train"], width)
-    if directions.shape[1] < width:
-        raise DataError(f"the teacher's vectors have {directions.shape[1]} directions; the student needs {width}")
-    targets = {split: (v - mean) @ directions for split, v in vectors.items()}
+    targets, kept = projected_targets(vectors, width)
     sets = {split: TargetDataset(tokenizer(inputs[split], truncation=True, max_length=cfg.max_length), targets[split])
             for split in SPLITS}
 
