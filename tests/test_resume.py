@@ -162,3 +162,20 @@ def test_a_model_field_added_since_the_run_takes_its_legacy_value(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="affectkit"):
         assert is_done(_corect_folder(tmp_path / "undeclared", cfg, recorded), cfg, SHA) is False
     assert "model.text_init" in caplog.text
+
+
+def test_a_changed_field_that_does_nothing_in_this_model_keeps_the_run(tmp_path, caplog):
+    """A text-only CORECT has no P-CM: a run recorded with the old P-CM defaults (post-norm, no scaling) is the
+    same model as today's and stays done; with three modalities the same difference reruns it."""
+    from affectkit.studies.run import full_model_config
+
+    for modalities, done in (("[text]", True), ("[text,audio,visual]", False)):
+        cfg = _corect(f"model.modalities={modalities}")
+        recorded = {**full_model_config(cfg), "pcm_norm": "post", "pcm_scale": False, "pcm_sink": True}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="affectkit"):
+            assert is_done(_corect_folder(tmp_path / modalities, cfg, recorded), cfg, SHA) is done
+        assert ("model.pcm_norm" in caplog.text) is not done
+    text_only = _corect("model.modalities=[text]")
+    other_text = {**full_model_config(text_only), "text_layers": 3}  # the text stack is there: a real change
+    assert is_done(_corect_folder(tmp_path / "text", text_only, other_text), text_only, SHA) is False

@@ -17,7 +17,7 @@ buffers sized by the model (``context``, ``wp``).  ``affectkit.stream`` is a ses
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import permutations
 from typing import Any, ClassVar
 
@@ -80,6 +80,16 @@ class CorectConfig:
                                                  "mask_padding": True, "text_init": "linear",
                                                  "attention_sink": False, "pad_attention_in_training": False,
                                                  "pcm_sink": False}
+
+    def inert_fields(self) -> set[str]:
+        """Fields that change nothing in the model as built with the rest: P-CM's without a P-CM (one modality,
+        or ``use_pcm`` false), the text stack's without text (a finished run is still the same model)."""
+        inert = set()
+        if not (self.use_pcm and len(self.modalities) > 1):
+            inert |= {f.name for f in fields(self) if f.name.startswith("pcm_")}
+        if "text" not in self.modalities:
+            inert |= {f.name for f in fields(self) if f.name.startswith("text_")}
+        return inert
 
     def validate(self) -> None:
         check_modalities(self.modalities, CONVERSATION_MODALITIES)

@@ -63,7 +63,8 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
     naming ``data_sha256`` (when given), ``config.yaml`` equal on every key both hold (except settings without
     effect on the result, e.g. the progress bar), and the same model as built: every field of its model
     config, defaults included (``provenance.json``'s ``model_config``; for older runs, the defaults of their
-    time), so a default that changed between versions reruns the runs it affects."""
+    time), so a default that changed between versions reruns the runs it affects, unless the field changes
+    nothing in this model (its ``inert_fields``: P-CM's settings in a text-only CORECT)."""
     try:
         json.loads((folder / "metrics.json").read_text())
         stored = yaml.safe_load((folder / "config.yaml").read_text()) or {}
@@ -93,7 +94,9 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
         else:  # fields added since it ran: what runs had before them (LEGACY_DEFAULTS), if declared
             had = {**legacy_defaults(new_cfg.model_name), **had}
         now = full_model_config(new_cfg)
-        changed = [f"model.{k}" for k in sorted(had.keys() | now.keys()) if had.get(k) != now.get(k)]
+        inert = inert_model_fields(new_cfg)
+        changed = [f"model.{k}" for k in sorted(had.keys() | now.keys())
+                   if k not in inert and had.get(k) != now.get(k)]
     if changed:
         log.warning("%s: config changed since it ran (%s); running it again", folder,
                     ", ".join(sorted(changed)))
@@ -110,6 +113,19 @@ def legacy_defaults(model_name: str) -> dict[str, Any]:
     except ConfigError:
         return {}
     return json.loads(json.dumps(old, default=str))
+
+
+def inert_model_fields(cfg: RunConfig) -> set[str]:
+    """The run's model config fields that change nothing in the model as built (the config's
+    ``inert_fields()``, e.g. P-CM's in a text-only CORECT); empty when it declares none or does not validate."""
+    from affectkit.models.registry import model_config
+
+    try:
+        built = model_config(cfg.model_name, dict(cfg.model_params))
+    except ConfigError:
+        return set()
+    inert = getattr(built, "inert_fields", None)
+    return set(inert()) if inert is not None else set()
 
 
 def full_model_config(cfg: RunConfig, legacy: bool = False) -> dict[str, Any]:
