@@ -82,7 +82,7 @@ def report_summaries(folders: list[str]) -> None:
     import json
 
     print("encoder | dataset | recipe | threads | epochs | s/epoch wall (CPU) | train CPU min | utt/CPU-s | "
-          "dev / test wF1")
+          "dev / test wF1 (distilled: agreement with the teacher)")
     for folder in folders:
         s = json.loads((Path(folder) / "training_summary.json").read_text())
         r, n = s["recipe"], s["utterances"]["train"]
@@ -91,10 +91,15 @@ def report_summaries(folders: list[str]) -> None:
         recipe += ", class weights" if s.get("config", {}).get("class_weights") else ""
         wall = sorted(s["epoch_seconds"])[len(s["epoch_seconds"]) // 2]
         per_cpu = sorted(cpu)[len(cpu) // 2] if cpu else float("nan")
+        if "distilled_from" in s:  # affectkit distil-text: agreement with the teacher, not a classifier
+            recipe += f", distilled from {s['distilled_from']['name']}"
+            scores = (f"R^2 {s['dev']['r2']:.3f} / {s['test']['r2']:.3f}, cosine {s['dev']['cosine']:.3f} / "
+                      f"{s['test']['cosine']:.3f}")
+        else:
+            scores = f"{s['dev']['F1_weighted']:.4f} / {s['test']['F1_weighted']:.4f}"
         print(f"{folder} | {s['dataset']} ({n} train) | {recipe} | {s.get('threads')} | "
               f"{len(s['epoch_seconds'])} (best {s['best_epoch']}) | {wall:.0f} ({per_cpu:.0f}) | "
-              f"{sum(cpu) / 60:.1f} | {n / per_cpu:.1f} | "
-              f"{s['dev']['F1_weighted']:.4f} / {s['test']['F1_weighted']:.4f}")
+              f"{sum(cpu) / 60:.1f} | {n / per_cpu:.1f} | {scores}")
 
 
 if __name__ == "__main__":
