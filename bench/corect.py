@@ -271,6 +271,7 @@ def side_by_side(args: argparse.Namespace) -> None:
             else:
                 cmd = [sys.executable, me, "--child-ours", str(ours_data), str(out), str(args.epochs),
                        str(args.threads), *sets]
+                print(f"  ours starts: {ours_switches(sets)}", flush=True)
             t0, wall, usage = _spawn(cmd, tmp / f"{side}.log")
             r = json.loads(out.read_text())
             s = summarise(r, t0, wall, usage, args.epochs,
@@ -285,6 +286,22 @@ def side_by_side(args: argparse.Namespace) -> None:
             if args.learning_out is not None:
                 save_learning_run(args.learning_out, side, args.epochs, r, s)
     report(results, args.epochs)
+
+
+def ours_switches(sets: list[str]) -> str:
+    """The commit and the attention switches of the model ours trains now (the preset as the tree holds it
+    when ours starts, after the reference's run)."""
+    from affectkit.config import load_config
+    from affectkit.models.registry import model_config
+
+    cfg = load_config(REPO / "configs" / "corect_iemocap6.yaml", list(sets))
+    m = model_config(cfg.model_name, dict(cfg.model_params))
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src", "configs"], capture_output=True,
+                           text=True).stdout.strip()
+    return (f"commit {head.stdout.strip()}{' + uncommitted changes' if dirty else ''}, mask_padding "
+            f"{m.mask_padding}, attention_sink {m.attention_sink}, pcm_sink {m.pcm_sink}, "
+            f"pad_attention_in_training {m.pad_attention_in_training}")
 
 
 def save_learning_run(work: Path, side: str, epochs: int, raw: dict[str, Any], s: dict[str, Any]) -> None:
