@@ -152,3 +152,13 @@ def test_cli_distil_rejects_bad_input_in_one_line(tiny, tmp_path, capsys, extra,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()
+
+
+def test_cli_distil_writes_an_encoder_and_says_how_close_it_is(tiny, tmp_path, capsys):
+    out = tmp_path / "student"
+    rc = main(["-q", "distil-text", "--teacher", str(tiny["teacher"]), "--dataset", "iemocap", "--source",
+               str(tiny["data"]), str(out), "--epochs", "1", "--batch-size", "16", "--max-length", "16",
+               "--lr", "1e-2", "--threads", "1", "--student", str(tiny["student"])])
+    said = capsys.readouterr().out
+    assert rc == 0 and "wrote encoder" in said and "distilled from" in said and "test R^2" in said
+    assert json.loads((out / ENCODER_FILE).read_text())["distilled_from"]["sha256"] == encoder_sha256(tiny["teacher"])
