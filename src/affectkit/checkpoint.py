@@ -56,13 +56,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
     Checkpoints hold CPU tensors whatever device trained them, so any checkpoint loads on any device."""
     from affectkit.models import build_model
-    from affectkit.models.registry import get_model_entry
+    from affectkit.models.registry import legacy_defaults
 
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     if ckpt.get("model_config") is None:  # written before checkpoints held every field: older defaults
-        legacy = getattr(get_model_entry(cfg.model_name).config_cls, "LEGACY_DEFAULTS", {})
-        cfg.model.update({k: v for k, v in legacy.items() if k not in cfg.model})
+        cfg.model.update({k: v for k, v in legacy_defaults(cfg.model_name).items() if k not in cfg.model})
     model = build_model(cfg.model_name, ckpt.get("model_config") or cfg.model_params, ckpt["info"])
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)

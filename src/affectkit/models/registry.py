@@ -59,6 +59,12 @@ def get_model_entry(name: str) -> ModelEntry:
     return _MODELS[name]
 
 
+def legacy_defaults(name: str) -> dict[str, Any]:
+    """The values runs and checkpoints of model ``name`` had before each of its later config fields existed
+    (its config's ``LEGACY_DEFAULTS``; empty when it declares none)."""
+    return dict(getattr(get_model_entry(name).config_cls, "LEGACY_DEFAULTS", {}))
+
+
 def model_config(name: str, params: dict[str, Any]) -> Any:
     """The model's config dataclass filled from ``params``; unknown keys list the valid ones."""
     entry = get_model_entry(name)

@@ -92,7 +92,7 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
         if had is None:  # a run from before provenance held every field: the defaults of its time
             had = full_model_config(config_from_dict(stored), legacy=True)
         else:  # fields added since it ran: what runs had before them (LEGACY_DEFAULTS), if declared
-            had = {**legacy_defaults(new_cfg.model_name), **had}
+            had = {**_legacy_defaults(new_cfg.model_name), **had}
         now = full_model_config(new_cfg)
         inert = inert_model_fields(new_cfg)
         changed = [f"model.{k}" for k in sorted(had.keys() | now.keys())
@@ -103,16 +103,14 @@ def is_done(folder: Path, cfg: RunConfig, data_sha256: str | None = None) -> boo
     return not changed
 
 
-def legacy_defaults(model_name: str) -> dict[str, Any]:
-    """The values a model's runs had before each of its later fields existed (its config's
-    ``LEGACY_DEFAULTS``, JSON-normalised; empty for an unknown model or one that declares none)."""
-    from affectkit.models.registry import get_model_entry
+def _legacy_defaults(model_name: str) -> dict[str, Any]:
+    """:func:`affectkit.models.registry.legacy_defaults`, empty for a model this version does not know."""
+    from affectkit.models.registry import legacy_defaults
 
     try:
-        old = getattr(get_model_entry(model_name).config_cls, "LEGACY_DEFAULTS", {})
+        return legacy_defaults(model_name)
     except ConfigError:
         return {}
-    return json.loads(json.dumps(old, default=str))
 
 
 def inert_model_fields(cfg: RunConfig) -> set[str]:
@@ -138,7 +136,7 @@ def full_model_config(cfg: RunConfig, legacy: bool = False) -> dict[str, Any]:
 
     params = dict(cfg.model_params)
     if legacy:
-        params = {**legacy_defaults(cfg.model_name), **params}
+        params = {**_legacy_defaults(cfg.model_name), **params}
     try:
         return json.loads(json.dumps(dataclasses.asdict(model_config(cfg.model_name, params)), default=str))
     except ConfigError:
